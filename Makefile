@@ -1,0 +1,28 @@
+# What people run. `make test` is what CI runs (after `make lint`).
+CARGO ?= cargo
+
+.PHONY: test servers build lint e2e bench fmt
+
+## Build the real test servers (cached), the release binaries, then run every test.
+test: servers build
+	$(CARGO) test --release --locked --workspace
+
+## Build etcd, the Kubernetes v1.32 control plane, MinIO and mc from their Go
+## modules into ~/.cache/localship-test (a no-op when cached).
+servers:
+	bash tests/servers/build.sh >/dev/null
+
+## The release binaries the e2e tests run (the same ones the image ships).
+build:
+	$(CARGO) build --release --locked --bins
+
+## Only the end-to-end tests against the real servers.
+e2e: servers build
+	$(CARGO) test --release --locked -p localship-tests
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

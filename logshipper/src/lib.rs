@@ -1,0 +1,1 @@
+//! Ships finished Airflow task logs.

@@ -1,0 +1,5 @@
+//! End-to-end tests against real servers on loopback: one control plane is
+//! shared by the tests of this binary, each test works in a fresh namespace,
+//! and every MinIO is a test's own.
+
+mod smoke;

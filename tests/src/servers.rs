@@ -1,0 +1,76 @@
+//! Locates (building once, if needed) the real server binaries and this
+//! workspace's own release binaries.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace root")
+        .to_path_buf()
+}
+
+/// Directory holding etcd, kube-apiserver, kube-controller-manager,
+/// kube-scheduler, kubectl, minio and mc. Runs `tests/servers/build.sh`
+/// (a no-op when its cache is warm) once per process; `LOCALSHIP_SERVERS_BIN`
+/// overrides it.
+pub fn server_bin_dir() -> Result<PathBuf> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| locate_servers().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn locate_servers() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("LOCALSHIP_SERVERS_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let script = workspace_root().join("tests/servers/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "building the test servers failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8(out.stdout)?;
+    let dir = stdout
+        .lines()
+        .last()
+        .context("build.sh printed no bin dir")?;
+    Ok(PathBuf::from(dir.trim()))
+}
+
+/// Path of a real server binary such as `kube-apiserver` or `minio`.
+pub fn server_bin(name: &str) -> Result<PathBuf> {
+    let path = server_bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!("{} is missing: run tests/servers/build.sh", path.display());
+    }
+    Ok(path)
+}
+
+/// Path of one of this workspace's release binaries. The e2e tests run the
+/// same release build the container image ships; `make test` builds it first.
+pub fn localship_bin(name: &str) -> Result<PathBuf> {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release");
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: run `cargo build --release --locked --bins` first (`make test` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
