@@ -1,0 +1,39 @@
+//! Every annotation, label and finalizer the provisioner reads or writes.
+
+/// Set by the scheduler on a WaitForFirstConsumer claim: the node it picked.
+pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+/// Set by the PV controller: which provisioner must act on the claim.
+pub const STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
+/// The pre-1.23 spelling of [`STORAGE_PROVISIONER`], still set for old clients.
+pub const STORAGE_PROVISIONER_BETA: &str = "volume.beta.kubernetes.io/storage-provisioner";
+/// Stamped on every PV we create, as the external-provisioner library does.
+pub const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+
+/// Node the volume's directory lives on.
+pub const NODE: &str = "localship.io/node";
+/// Absolute path of the volume's directory on that node.
+pub const HOST_PATH: &str = "localship.io/host-path";
+/// Base path the directory was made under (which disk, with several).
+pub const BASE_PATH: &str = "localship.io/base-path";
+
+/// Label on our PVs so each agent watches only its own node's volumes.
+pub const NODE_LABEL: &str = "localship.io/node";
+
+/// Held by the provisioner until the volume's directory is removed (or kept,
+/// with `Retain`), so a PV never disappears while its data is unaccounted for.
+pub const CLEANUP_FINALIZER: &str = "localship.io/cleanup";
+/// Held by the log shipper until every log in the volume is shipped; the
+/// directory is not removed while it is present.
+pub const SHIP_LOGS_FINALIZER: &str = "localship.io/ship-logs";
+
+/// StorageClass parameter or claim annotation: `hostPath` (default) or `local`.
+pub const VOLUME_TYPE: &str = "volumeType";
+/// StorageClass parameter: template for the directory name under the base path.
+pub const PATH_PATTERN: &str = "pathPattern";
+/// StorageClass parameter: use only this base path.
+pub const NODE_PATH: &str = "nodePath";
+
+/// The provisioner name this project answers to by default.
+pub const DEFAULT_PROVISIONER_NAME: &str = "localship.io/local-path";
+/// rancher's name, served with `--serve-rancher` so existing classes keep working.
+pub const RANCHER_PROVISIONER_NAME: &str = "rancher.io/local-path";

@@ -1,0 +1,221 @@
+//! The PersistentVolume for a claim: a pure function of the claim, its class
+//! and where the directory was made.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::{
+    HostPathVolumeSource, LocalVolumeSource, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, ObjectReference, PersistentVolume, PersistentVolumeClaim,
+    PersistentVolumeSpec, VolumeNodeAffinity,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::ObjectMeta;
+use kube::ResourceExt;
+
+use crate::annotations::{
+    BASE_PATH, CLEANUP_FINALIZER, HOST_PATH, NODE, NODE_LABEL, PROVISIONED_BY,
+};
+use crate::claim::{Request, VolumeType};
+
+/// Deterministic, so a retry or a restart finds the PV it already made
+/// instead of making a second one.
+pub fn pv_name(claim: &PersistentVolumeClaim) -> String {
+    format!("pvc-{}", claim.uid().unwrap_or_default())
+}
+
+/// Everything decided before the PV is written.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub node: String,
+    /// The provisioner name the claim asked for (ours or rancher's).
+    pub provisioner: String,
+    pub base_path: PathBuf,
+    pub host_path: PathBuf,
+    pub volume_type: VolumeType,
+    pub request: Request,
+}
+
+pub fn build(claim: &PersistentVolumeClaim, class: &StorageClass, plan: &Plan) -> PersistentVolume {
+    let path = plan.host_path.to_string_lossy().into_owned();
+    let (host_path, local) = match plan.volume_type {
+        VolumeType::HostPath => (
+            Some(HostPathVolumeSource {
+                path,
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            None,
+        ),
+        VolumeType::Local => (
+            None,
+            Some(LocalVolumeSource {
+                path,
+                fs_type: None,
+            }),
+        ),
+    };
+    let annotations = BTreeMap::from([
+        (PROVISIONED_BY.to_string(), plan.provisioner.clone()),
+        (NODE.to_string(), plan.node.clone()),
+        (
+            HOST_PATH.to_string(),
+            plan.host_path.to_string_lossy().into_owned(),
+        ),
+        (
+            BASE_PATH.to_string(),
+            plan.base_path.to_string_lossy().into_owned(),
+        ),
+    ]);
+    PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(pv_name(claim)),
+            labels: Some(BTreeMap::from([(
+                NODE_LABEL.to_string(),
+                plan.node.clone(),
+            )])),
+            annotations: Some(annotations),
+            finalizers: Some(vec![CLEANUP_FINALIZER.to_string()]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            capacity: Some(BTreeMap::from([(
+                "storage".to_string(),
+                Quantity(plan.request.size.clone()),
+            )])),
+            access_modes: Some(plan.request.access_modes.clone()),
+            volume_mode: Some(plan.request.volume_mode.clone()),
+            persistent_volume_reclaim_policy: Some(
+                class
+                    .reclaim_policy
+                    .clone()
+                    .unwrap_or_else(|| "Delete".into()),
+            ),
+            storage_class_name: Some(class.name_any()),
+            mount_options: class.mount_options.clone(),
+            claim_ref: Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("PersistentVolumeClaim".into()),
+                namespace: claim.namespace(),
+                name: Some(claim.name_any()),
+                uid: claim.uid(),
+                resource_version: claim.resource_version(),
+                ..ObjectReference::default()
+            }),
+            node_affinity: Some(VolumeNodeAffinity {
+                required: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: "kubernetes.io/hostname".into(),
+                            operator: "In".into(),
+                            values: Some(vec![plan.node.clone()]),
+                        }]),
+                        match_fields: None,
+                    }],
+                }),
+            }),
+            host_path,
+            local,
+            ..PersistentVolumeSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fixtures() -> (PersistentVolumeClaim, StorageClass, Plan) {
+        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": { "name": "logs-airflow-worker-0", "namespace": "airflow", "uid": "1234", "resourceVersion": "7" },
+            "spec": { "accessModes": ["ReadWriteOnce"], "resources": { "requests": { "storage": "5Gi" } } }
+        }))
+        .unwrap();
+        let class: StorageClass = serde_json::from_value(json!({
+            "metadata": { "name": "local-path" },
+            "provisioner": "localship.io/local-path",
+            "reclaimPolicy": "Retain",
+            "mountOptions": ["noatime"],
+            "volumeBindingMode": "WaitForFirstConsumer"
+        }))
+        .unwrap();
+        let plan = Plan {
+            node: "node-a".into(),
+            provisioner: "localship.io/local-path".into(),
+            base_path: "/opt/local-path-provisioner".into(),
+            host_path: "/opt/local-path-provisioner/pvc-1234_airflow_logs-airflow-worker-0".into(),
+            volume_type: VolumeType::HostPath,
+            request: crate::claim::request(&claim).unwrap(),
+        };
+        (claim, class, plan)
+    }
+
+    #[test]
+    fn hostpath_volume_pinned_to_the_node() {
+        let (claim, class, plan) = fixtures();
+        let pv = build(&claim, &class, &plan);
+        assert_eq!(pv.metadata.name.as_deref(), Some("pvc-1234"));
+        assert_eq!(
+            pv.metadata.finalizers,
+            Some(vec![CLEANUP_FINALIZER.to_string()])
+        );
+        assert_eq!(pv.annotations()[PROVISIONED_BY], "localship.io/local-path");
+        assert_eq!(
+            pv.annotations()[HOST_PATH],
+            plan.host_path.to_str().unwrap()
+        );
+        assert_eq!(pv.labels()[NODE_LABEL], "node-a");
+        let spec = pv.spec.unwrap();
+        assert_eq!(spec.capacity.unwrap()["storage"], Quantity("5Gi".into()));
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Retain")
+        );
+        assert_eq!(spec.storage_class_name.as_deref(), Some("local-path"));
+        assert_eq!(spec.mount_options, Some(vec!["noatime".to_string()]));
+        assert_eq!(spec.volume_mode.as_deref(), Some("Filesystem"));
+        let claim_ref = spec.claim_ref.unwrap();
+        assert_eq!(
+            (
+                claim_ref.namespace.as_deref(),
+                claim_ref.name.as_deref(),
+                claim_ref.uid.as_deref()
+            ),
+            (Some("airflow"), Some("logs-airflow-worker-0"), Some("1234"))
+        );
+        let term = &spec
+            .node_affinity
+            .unwrap()
+            .required
+            .unwrap()
+            .node_selector_terms[0];
+        let req = &term.match_expressions.as_ref().unwrap()[0];
+        assert_eq!(
+            (req.key.as_str(), req.operator.as_str(), req.values.clone()),
+            (
+                "kubernetes.io/hostname",
+                "In",
+                Some(vec!["node-a".to_string()])
+            )
+        );
+        let hp = spec.host_path.unwrap();
+        assert_eq!(hp.type_.as_deref(), Some("DirectoryOrCreate"));
+        assert!(spec.local.is_none());
+    }
+
+    #[test]
+    fn local_volume_and_default_reclaim() {
+        let (claim, mut class, mut plan) = fixtures();
+        class.reclaim_policy = None;
+        plan.volume_type = VolumeType::Local;
+        let spec = build(&claim, &class, &plan).spec.unwrap();
+        assert!(spec.host_path.is_none());
+        assert_eq!(spec.local.unwrap().path, plan.host_path.to_str().unwrap());
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Delete")
+        );
+    }
+}
