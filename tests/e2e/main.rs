@@ -1,5 +1,7 @@
 //! End-to-end tests against real servers on loopback: one control plane is
-//! shared by the tests of this binary, each test works in a fresh namespace,
-//! and every MinIO is a test's own.
+//! shared by the tests of this binary, each test works in a fresh namespace
+//! with agents and provisioner names of its own, and every MinIO is a test's own.
 
+mod common;
+mod provisioner;
 mod smoke;

@@ -271,20 +271,34 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Registers Ready, untainted Nodes the scheduler can place pods on.
     async fn register_nodes(&self) -> Result<()> {
+        for name in NODES {
+            self.register_node(name, json!({}), json!(null)).await?;
+        }
+        Ok(())
+    }
+
+    /// Registers a Ready Node the scheduler can place pods on, with extra
+    /// `labels` (a JSON object) and `taints` (a JSON list, or null for none).
+    pub async fn register_node(
+        &self,
+        name: &str,
+        labels: serde_json::Value,
+        taints: serde_json::Value,
+    ) -> Result<()> {
         let client = self.client().await?;
         let nodes = Api::<Node>::all(client);
-        for name in NODES {
+        {
+            let mut all_labels = json!({
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+            });
+            if let (Some(all), Some(extra)) = (all_labels.as_object_mut(), labels.as_object()) {
+                all.extend(extra.clone());
+            }
             let node: Node = serde_json::from_value(json!({
-                "metadata": {
-                    "name": name,
-                    "labels": {
-                        "kubernetes.io/hostname": name,
-                        "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64",
-                    }
-                }
+                "metadata": { "name": name, "labels": all_labels }
             }))?;
             nodes.create(&PostParams::default(), &node).await?;
             let now = chrono_now();
@@ -312,7 +326,7 @@ impl ControlPlane {
                 .patch(
                     name,
                     &PatchParams::default(),
-                    &Patch::Merge(json!({ "spec": { "taints": null } })),
+                    &Patch::Merge(json!({ "spec": { "taints": taints } })),
                 )
                 .await?;
         }

@@ -3,6 +3,7 @@
 //! ([`minio`]), each built from its Go module by `tests/servers/build.sh` and
 //! cached outside the repository.
 
+pub mod agents;
 pub mod apply;
 pub mod certs;
 pub mod cluster;
@@ -12,6 +13,7 @@ pub mod process;
 pub mod servers;
 pub mod wait;
 
+pub use agents::ProvisionerAgent;
 pub use apply::apply_yaml;
 pub use cluster::{control_plane, ControlPlane, NODES};
 pub use minio::Minio;

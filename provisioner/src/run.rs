@@ -1,0 +1,164 @@
+//! Wiring: caches, the two controllers, config reload, disk gauges and the
+//! HTTP endpoints, all stopped together on SIGTERM/SIGINT.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::Client;
+
+use crate::annotations::NODE_LABEL;
+use crate::cli::Args;
+use crate::config::{Config, Placement};
+use crate::context::{watch_config, Context, SharedConfig};
+use crate::metrics::Metrics;
+use crate::{disk, http, provision, reclaim, sweep, Error, Result};
+
+pub async fn run(args: Args, client: Client) -> Result<()> {
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::single(&args.base_path),
+    };
+    let names = args.names();
+    match config.placement(&args.node_name, "") {
+        Placement::Paths(p) if p.is_empty() => tracing::warn!(
+            node = %args.node_name,
+            "no base path is configured for this node: it will not provision volumes \
+             (claims placed here are handed back to the scheduler)"
+        ),
+        Placement::Paths(p) => {
+            tracing::info!(node = %args.node_name, paths = ?p, provisioners = ?names, "serving")
+        }
+        Placement::SharedFileSystem(_) => {}
+    }
+    let shared = SharedConfig::new(config);
+    let metrics = Metrics::default();
+
+    let (classes, writer) = reflector::store::<StorageClass>();
+    let class_stream = reflector(
+        writer,
+        watcher(
+            Api::<StorageClass>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| futures::future::ready(()));
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        &args,
+        shared.clone(),
+        classes.clone(),
+        metrics.clone(),
+    ));
+
+    let claims = Controller::new(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal();
+    let claims_store = claims.store();
+    let claims = claims
+        .run(provision::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    let selector = format!("{NODE_LABEL}={}", args.node_name);
+    let volumes = Controller::new(
+        Api::<PersistentVolume>::all(client.clone()),
+        watcher::Config::default().labels(&selector),
+    )
+    .shutdown_on_signal();
+    let volumes_store = volumes.store();
+    let volumes = volumes
+        .run(reclaim::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let startup = {
+        let (ready, ctx) = (ready.clone(), ctx.clone());
+        async move {
+            let _ = classes.wait_until_ready().await;
+            let _ = claims_store.wait_until_ready().await;
+            let _ = volumes_store.wait_until_ready().await;
+            match sweep::sweep(&ctx).await {
+                Ok(s) => tracing::info!(removed = s.removed, kept = s.kept, "start-up sweep done"),
+                Err(e) => tracing::warn!(error = %e, "start-up sweep failed; continuing"),
+            }
+            ready.store(true, Ordering::Relaxed);
+            tracing::info!("caches synced; ready");
+        }
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = http::serve(args.listen, metrics.registry.clone(), ready, async {
+        let _ = stop_rx.await;
+    });
+    let server = tokio::spawn(server);
+    let background = {
+        let config_task = args.config.clone().map(|path| {
+            tokio::spawn(watch_config(
+                path,
+                args.config_poll,
+                shared.clone(),
+                metrics.clone(),
+            ))
+        });
+        let gauges = tokio::spawn(disk_gauges(ctx.clone()));
+        let classes = tokio::spawn(class_stream);
+        (config_task, gauges, classes)
+    };
+
+    tokio::join!(claims, volumes, startup);
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(());
+    if let Some(t) = background.0 {
+        t.abort();
+    }
+    background.1.abort();
+    background.2.abort();
+    match server.await {
+        Ok(Err(e)) => Err(Error::Invalid(format!(
+            "cannot serve on {}: {e}",
+            args.listen
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Keeps the free/used gauges of every base path current. Base paths are
+/// made here first (as rancher makes them on first use) so a fresh node
+/// reports its space before its first volume.
+async fn disk_gauges(ctx: Arc<Context>) {
+    loop {
+        for path in ctx.config.get().all_paths(&ctx.node) {
+            if let Err(e) = std::fs::create_dir_all(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot create base path");
+            }
+            let label = path.to_string_lossy().into_owned();
+            if let Ok(space) = disk::space(&path) {
+                ctx.metrics
+                    .free_bytes
+                    .with_label_values(&[&label])
+                    .set(space.free as i64);
+                ctx.metrics
+                    .used_bytes
+                    .with_label_values(&[&label])
+                    .set(space.total.saturating_sub(space.free) as i64);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(15)).await;
+    }
+}
