@@ -11,6 +11,10 @@ use localship_tests::{apply_yaml, wait_for};
 
 pub const BIND_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Held by tests that make a default StorageClass: with two defaults the
+/// apiserver picks the newest, so they take turns.
+pub static DEFAULT_CLASS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A provisioner name of this test's own, so agents of tests running at the
 /// same time never act on each other's claims.
 pub fn provisioner_name(ns: &str) -> String {

@@ -3,5 +3,6 @@
 //! with agents and provisioner names of its own, and every MinIO is a test's own.
 
 mod common;
+mod deploy;
 mod provisioner;
 mod smoke;

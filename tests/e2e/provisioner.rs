@@ -362,6 +362,7 @@ async fn config_reload_takes_effect_without_restart() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statefulset_without_a_class_binds_through_the_default_class() -> Result<()> {
+    let _default_class = DEFAULT_CLASS.lock().await;
     let cp = control_plane()?;
     let client = cp.client().await?;
     let ns = cp.namespace("prov-sts").await?;
@@ -494,5 +495,35 @@ volumeBindingMode: Immediate
     // Nothing escaped the base path.
     let parent = a.base_path().parent().unwrap().to_path_buf();
     assert!(!parent.join("escape").exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_sweep_removes_empty_orphans_and_keeps_data() -> Result<()> {
+    let cp = control_plane()?;
+    let ns = cp.namespace("prov-sweep").await?;
+    let base = localship_tests::scratch_dir("sweep")?.join("base");
+    // What a kill -9 between mkdir and PV creation leaves, for claims since deleted.
+    let empty = base.join("pvc-00000000-0000-4000-8000-000000000001_gone_a");
+    let full = base.join("pvc-00000000-0000-4000-8000-000000000002_gone_b");
+    let foreign = base.join("someone-elses-dir");
+    for d in [&empty, &full, &foreign] {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(full.join("data"), b"not ours to delete")?;
+    let args = [format!("--base-path={}", base.display())];
+    let agent = ProvisionerAgent::start(cp, "node-a", &provisioner_name(&ns), &args).await?;
+    assert!(!empty.exists(), "empty orphan kept");
+    assert_eq!(std::fs::read(full.join("data"))?, b"not ours to delete");
+    assert!(foreign.exists());
+    let m = agent.metrics()?;
+    assert!(
+        m.contains(r#"orphan_directories_total{action="removed"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"orphan_directories_total{action="kept"} 1"#),
+        "{m}"
+    );
     Ok(())
 }

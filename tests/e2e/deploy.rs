@@ -1,0 +1,156 @@
+//! What an operator installs: `deploy/` passes server-side dry-run and a real
+//! apply on the real apiserver, and the agents running under its
+//! ServiceAccount's RBAC provision, bind and delete Airflow-shaped claims
+//! through its default StorageClass.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, ServiceAccount};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, PostParams};
+use localship_tests::kubeconfig::write_token_kubeconfig;
+use localship_tests::{apply_yaml, control_plane, wait_for, ProvisionerAgent};
+use serde_json::json;
+
+use crate::common::*;
+
+fn kustomize() -> Result<String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let out = control_plane()?.kubectl(&["kustomize", root.to_str().unwrap()])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl kustomize deploy/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_applies_and_its_rbac_is_enough_for_the_agents() -> Result<()> {
+    // This test installs a default StorageClass; others that rely on the
+    // default class must not run at the same time.
+    let _default_class = DEFAULT_CLASS.lock().await;
+    let cp = control_plane()?;
+    let client = cp.client().await?;
+    let manifests = kustomize()?;
+    // Namespaced objects cannot be dry-run into a namespace that does not
+    // exist yet (kubectl --dry-run=server has the same limit), so it comes first.
+    let namespace = manifests.split("\n---\n").find(|d| d.contains("kind: Namespace")).context("no Namespace")?;
+    apply_yaml(&client, None, namespace, false).await?;
+    let dry = apply_yaml(&client, None, &manifests, true).await?;
+    assert!(dry.len() >= 8, "only {} objects in deploy/", dry.len());
+    let kinds: Vec<String> = dry
+        .iter()
+        .filter_map(|o| o.types.as_ref().map(|t| t.kind.clone()))
+        .collect();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "StorageClass",
+        "DaemonSet",
+        "Service",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "deploy/ lacks a {kind}: {kinds:?}"
+        );
+    }
+    // Dry-run stored nothing.
+    let classes = Api::<StorageClass>::all(client.clone());
+    assert!(classes.get_opt("local-path").await?.is_none());
+
+    apply_yaml(&client, None, &manifests, false).await?;
+    let class = classes.get("local-path").await?;
+    assert_eq!(
+        class.volume_binding_mode.as_deref(),
+        Some("WaitForFirstConsumer")
+    );
+    assert_eq!(class.provisioner, "localship.io/local-path");
+
+    // The agents run as the DaemonSet would: with the ServiceAccount's token.
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), "localship");
+    let request: TokenRequest =
+        serde_json::from_value(json!({ "spec": { "expirationSeconds": 3600 } }))?;
+    let token: TokenRequest = sa
+        .create_subresource(
+            "token",
+            "localship",
+            &PostParams::default(),
+            &request,
+        )
+        .await?;
+    let token = token.status.context("no token issued")?.token;
+    let dir = localship_tests::scratch_dir("deploy")?;
+    let kubeconfig = dir.join("localship-sa.kubeconfig");
+    write_token_kubeconfig(&kubeconfig, cp.server(), cp.ca_pem(), "localship", &token)?;
+    let mut agents = Vec::new();
+    for node in ["node-a", "node-b"] {
+        agents.push(
+            ProvisionerAgent::start_as(cp, node, "localship.io/local-path", &[], &kubeconfig)
+                .await?,
+        );
+    }
+
+    // Claims shaped like the Airflow chart's, with no storageClassName.
+    let ns = cp.namespace("airflow").await?;
+    let claims = [
+        "logs-airflow-worker-0",
+        "logs-airflow-scheduler-0",
+        "logs-airflow-triggerer-0",
+        "redis-db-airflow-redis-0",
+    ];
+    for claim in claims {
+        claim_with_pod(&client, &ns, claim, None, "1Gi", None).await?;
+    }
+    let mut dirs = Vec::new();
+    for claim in claims {
+        let pv = wait_bound(&client, &ns, claim).await?;
+        assert_eq!(
+            pv.spec.as_ref().unwrap().storage_class_name.as_deref(),
+            Some("local-path")
+        );
+        let path = PathBuf::from(host_path(&pv));
+        assert!(path.is_dir(), "{}", path.display());
+        dirs.push((pv, path));
+    }
+    // Delete under the same RBAC: directory and PV go.
+    for (claim, (pv, path)) in claims.iter().zip(&dirs) {
+        delete_claim_and_pod(&client, &ns, claim).await?;
+        wait_pv_gone(&client, pv.metadata.name.as_deref().unwrap()).await?;
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
+
+    // A verb the ClusterRole does not grant is refused.
+    let sa_client = localship_tests::cluster::client_from(&kubeconfig).await?;
+    let err = Api::<Secret>::all(sa_client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 403),
+        "listing Secrets: {err}"
+    );
+    claim_with_pod(&client, &ns, "not-yours", None, "1Gi", None).await?;
+    let err = Api::<PersistentVolumeClaim>::namespaced(sa_client, &ns)
+        .delete("not-yours", &Default::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 403),
+        "deleting a claim: {err}"
+    );
+    wait_bound(&client, &ns, "not-yours").await?;
+
+    // Leave no default class behind for other tests.
+    classes.delete("local-path", &Default::default()).await?;
+    wait_for("local-path to be gone", BIND_TIMEOUT, || async {
+        Ok(classes.get_opt("local-path").await?.is_none().then_some(()))
+    })
+    .await?;
+    Ok(())
+}
