@@ -37,7 +37,10 @@ async fn deploy_applies_and_its_rbac_is_enough_for_the_agents() -> Result<()> {
     let manifests = kustomize()?;
     // Namespaced objects cannot be dry-run into a namespace that does not
     // exist yet (kubectl --dry-run=server has the same limit), so it comes first.
-    let namespace = manifests.split("\n---\n").find(|d| d.contains("kind: Namespace")).context("no Namespace")?;
+    let namespace = manifests
+        .split("\n---\n")
+        .find(|d| d.contains("kind: Namespace"))
+        .context("no Namespace")?;
     apply_yaml(&client, None, namespace, false).await?;
     let dry = apply_yaml(&client, None, &manifests, true).await?;
     assert!(dry.len() >= 8, "only {} objects in deploy/", dry.len());
@@ -77,12 +80,7 @@ async fn deploy_applies_and_its_rbac_is_enough_for_the_agents() -> Result<()> {
     let request: TokenRequest =
         serde_json::from_value(json!({ "spec": { "expirationSeconds": 3600 } }))?;
     let token: TokenRequest = sa
-        .create_subresource(
-            "token",
-            "localship",
-            &PostParams::default(),
-            &request,
-        )
+        .create_subresource("token", "localship", &PostParams::default(), &request)
         .await?;
     let token = token.status.context("no token issued")?.token;
     let dir = localship_tests::scratch_dir("deploy")?;

@@ -1,0 +1,268 @@
+//! Where logs go: an S3 bucket (AWS or MinIO) or a directory, behind one trait.
+
+pub mod file;
+pub mod s3;
+
+use std::fs::File;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::key::normalize_prefix;
+
+/// Metadata key holding the SHA-256 (hex) of an object we wrote, so `head` can compare
+/// contents without downloading (sent as `x-amz-meta-localship-sha256`).
+pub const SHA256_METADATA: &str = "localship-sha256";
+
+/// What the destination holds under a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// Known when we wrote the object, or when reading it back is cheap.
+    pub sha256: Option<String>,
+    pub etag: Option<String>,
+    pub version_id: Option<String>,
+    /// The destination itself confirmed that it stored bytes of this size and SHA-256 (it
+    /// checked the checksum sent with them), so reading them back adds nothing.
+    pub confirmed: bool,
+}
+
+/// Bytes to write: the first `size` bytes of an already opened file (never reopened by path,
+/// so a symlink swapped in meanwhile is not followed) and their SHA-256.
+#[derive(Clone, Debug)]
+pub struct LocalContent {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// An object store. Objects appear whole under their key or not at all.
+pub trait Destination: Send + Sync + 'static {
+    /// Names the destination in the ledger and in logs, e.g. `s3://airflow/logs`.
+    fn id(&self) -> &str;
+
+    /// Key prefix every object goes under, normalised (may be empty).
+    fn prefix(&self) -> &str;
+
+    /// Start-up check that objects can be listed and written.
+    fn check(&self) -> impl Future<Output = Result<(), DestinationError>> + Send;
+
+    fn head(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<ObjectInfo>, DestinationError>> + Send;
+
+    /// SHA-256 (hex) of the object's first `len` bytes, read back from the destination.
+    fn sha256_prefix(
+        &self,
+        key: &str,
+        len: u64,
+    ) -> impl Future<Output = Result<String, DestinationError>> + Send;
+
+    fn put(
+        &self,
+        key: &str,
+        content: &LocalContent,
+    ) -> impl Future<Output = Result<ObjectInfo, DestinationError>> + Send;
+}
+
+/// Why shipping to the destination failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    #[error("bucket `{bucket}` does not exist at {endpoint} — create it or pass --create-bucket")]
+    NoSuchBucket { bucket: String, endpoint: String },
+    #[error(
+        "{endpoint} does not accept the credentials ({code}) — check AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the web identity role"
+    )]
+    BadCredentials { endpoint: String, code: String },
+    #[error(
+        "access denied to bucket `{bucket}` at {endpoint} ({operation}) — grant s3:ListBucket \
+         on the bucket and s3:GetObject and s3:PutObject under the prefix"
+    )]
+    AccessDenied {
+        bucket: String,
+        endpoint: String,
+        operation: &'static str,
+    },
+    #[error("{endpoint} refused {operation} of `{key}`: {code} (HTTP {status}): {message}")]
+    Refused {
+        endpoint: String,
+        operation: &'static str,
+        key: String,
+        code: String,
+        status: u16,
+        message: String,
+    },
+    #[error(
+        "no AWS credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+         AWS_PROFILE, or a web identity token ({detail})"
+    )]
+    NoCredentials { detail: String },
+    #[error("cannot reach {endpoint}: {detail} — check --s3-endpoint and that the service is up")]
+    Unreachable { endpoint: String, detail: String },
+    #[error("`{}` changed while being shipped; it ships again once it settles", path.display())]
+    FileChanged { path: PathBuf },
+    #[error("`{}`: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{key}` does not hold the file after upload: expected {expected}, found {found}")]
+    Unverified {
+        key: String,
+        expected: String,
+        found: String,
+    },
+    #[error("`{key}` already holds other bytes than the file with the same SHA-256 prefix")]
+    ConflictTaken { key: String },
+}
+
+impl DestinationError {
+    /// We could not ask: nothing is wrong with this file, the destination is away.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, DestinationError::Unreachable { .. })
+    }
+
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            DestinationError::NoSuchBucket { .. } => "no_such_bucket",
+            DestinationError::BadCredentials { .. } | DestinationError::NoCredentials { .. } => {
+                "credentials"
+            }
+            DestinationError::AccessDenied { .. } => "access_denied",
+            DestinationError::Refused { .. } => "refused",
+            DestinationError::Unreachable { .. } => "unreachable",
+            DestinationError::FileChanged { .. } => "file_changed",
+            DestinationError::Io { .. } => "io",
+            DestinationError::Unverified { .. } => "unverified",
+            DestinationError::ConflictTaken { .. } => "conflict_taken",
+        }
+    }
+}
+
+/// `--dest`, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DestinationUrl {
+    S3 { bucket: String, prefix: String },
+    File { dir: PathBuf },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid destination `{url}`: {reason}; expected s3://bucket/prefix or file:///dir")]
+pub struct UrlError {
+    url: String,
+    reason: &'static str,
+}
+
+impl std::str::FromStr for DestinationUrl {
+    type Err = UrlError;
+
+    fn from_str(url: &str) -> Result<Self, UrlError> {
+        let error = |reason| UrlError {
+            url: url.to_owned(),
+            reason,
+        };
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if !valid_bucket(bucket) {
+                return Err(error(
+                    "bucket names are 3-63 lowercase letters, digits, `.` or `-`",
+                ));
+            }
+            return Ok(DestinationUrl::S3 {
+                bucket: bucket.to_owned(),
+                prefix: normalize_prefix(prefix),
+            });
+        }
+        if let Some(path) = url.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err(error("the directory is missing"));
+            }
+            return Ok(DestinationUrl::File { dir: path.into() });
+        }
+        Err(error("unknown scheme"))
+    }
+}
+
+fn valid_bucket(bucket: &str) -> bool {
+    (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && !bucket.starts_with(['.', '-'])
+        && !bucket.ends_with(['.', '-'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<DestinationUrl, UrlError> {
+        url.parse()
+    }
+
+    #[test]
+    fn s3_urls() {
+        let s3 = |bucket: &str, prefix: &str| DestinationUrl::S3 {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        };
+        assert_eq!(parse("s3://airflow/logs"), Ok(s3("airflow", "logs")));
+        assert_eq!(parse("s3://airflow/logs/"), Ok(s3("airflow", "logs")));
+        assert_eq!(parse("s3://airflow"), Ok(s3("airflow", "")));
+        assert_eq!(parse("s3://airflow/"), Ok(s3("airflow", "")));
+        assert_eq!(
+            parse("s3://my.bucket-1/a//b/"),
+            Ok(s3("my.bucket-1", "a/b"))
+        );
+    }
+
+    #[test]
+    fn file_urls() {
+        let file = |dir: &str| DestinationUrl::File { dir: dir.into() };
+        assert_eq!(parse("file:///var/archive"), Ok(file("/var/archive")));
+        assert_eq!(parse("file://./shipped-logs"), Ok(file("./shipped-logs")));
+        assert_eq!(parse("file://shipped"), Ok(file("shipped")));
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_expected() {
+        for url in [
+            "s3://",
+            "s3://Airflow/logs",
+            "s3://ab",
+            "s3://-x-/",
+            "file://",
+            "/var/logs",
+            "http://x",
+        ] {
+            let err = parse(url).unwrap_err();
+            assert!(
+                err.to_string().contains("expected s3://bucket/prefix"),
+                "{url}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_say_what_to_fix() {
+        let err = DestinationError::NoSuchBucket {
+            bucket: "airflow".into(),
+            endpoint: "http://127.0.0.1:9000".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "bucket `airflow` does not exist at http://127.0.0.1:9000 — create it or pass --create-bucket"
+        );
+        assert!(!err.is_unreachable());
+        let err = DestinationError::Unreachable {
+            endpoint: "http://127.0.0.1:1".into(),
+            detail: "connection refused".into(),
+        };
+        assert!(err.is_unreachable());
+        assert!(err.to_string().contains("--s3-endpoint"));
+    }
+}

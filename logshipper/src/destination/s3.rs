@@ -1,0 +1,313 @@
+//! `s3://bucket/prefix`: AWS S3 or anything that speaks it (MinIO), via aws-sdk-s3.
+//!
+//! Credentials come from the standard chain (environment, shared config and profiles, web
+//! identity, container and instance roles). Every upload carries a SHA-256 the server checks
+//! before it accepts the bytes (`x-amz-checksum-sha256`, per part for multipart uploads), and
+//! the file's SHA-256 as metadata so later `head` calls can compare without downloading.
+//! A single PUT is atomic; a multipart upload becomes visible only when completed, and is
+//! aborted on failure, so no half object ever appears under a key.
+
+mod errors;
+mod multipart;
+
+use std::sync::Arc;
+
+use aws_config::environment::region::EnvironmentVariableRegionProvider;
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::profile::ProfileFileRegionProvider;
+use aws_config::retry::RetryConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::Region;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+use aws_sdk_s3::Client;
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use super::{Destination, DestinationError, LocalContent, ObjectInfo, SHA256_METADATA};
+use crate::local_file::read_at;
+
+/// Smallest part S3 accepts (but for the last).
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+
+/// Region used when neither `--s3-region` nor the AWS configuration names one.
+const FALLBACK_REGION: &str = "us-east-1";
+
+/// Attempts per request, the SDK backing off with jitter in between.
+const REQUEST_ATTEMPTS: u32 = 4;
+
+/// How to reach the bucket and how to upload to it.
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: bool,
+    pub create_bucket: bool,
+    pub multipart_threshold: u64,
+    pub part_size: u64,
+    /// Requests carrying data at once, over all files; bounds memory to this many parts.
+    pub concurrency: usize,
+}
+
+pub struct S3Destination {
+    client: Client,
+    settings: S3Settings,
+    region: String,
+    endpoint: String,
+    id: String,
+    requests: Arc<Semaphore>,
+}
+
+impl S3Destination {
+    pub async fn connect(settings: S3Settings) -> Self {
+        // The environment and profiles only: the full chain would ask the EC2 metadata service,
+        // which stalls start-up everywhere but on EC2.
+        let region = RegionProviderChain::first_try(settings.region.clone().map(Region::new))
+            .or_else(EnvironmentVariableRegionProvider::new())
+            .or_else(ProfileFileRegionProvider::new())
+            .or_else(Region::new(FALLBACK_REGION));
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(region)
+            .load()
+            .await;
+        let region = shared
+            .region()
+            .map_or(FALLBACK_REGION.to_owned(), |r| r.to_string());
+        let mut config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(settings.path_style)
+            .retry_config(RetryConfig::standard().with_max_attempts(REQUEST_ATTEMPTS));
+        if let Some(endpoint) = &settings.endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        let endpoint = settings
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("AWS S3 ({region})"));
+        let id = match settings.prefix.as_str() {
+            "" => format!("s3://{}", settings.bucket),
+            prefix => format!("s3://{}/{prefix}", settings.bucket),
+        };
+        Self {
+            client: Client::from_conf(config.build()),
+            requests: Arc::new(Semaphore::new(settings.concurrency.max(1))),
+            settings,
+            region,
+            endpoint,
+            id,
+        }
+    }
+
+    fn bucket(&self) -> &str {
+        &self.settings.bucket
+    }
+
+    async fn create_bucket(&self) -> Result<(), DestinationError> {
+        let mut request = self.client.create_bucket().bucket(self.bucket());
+        // us-east-1 is the one region that refuses an explicit location constraint.
+        if self.region != FALLBACK_REGION {
+            request = request.create_bucket_configuration(
+                CreateBucketConfiguration::builder()
+                    .location_constraint(BucketLocationConstraint::from(self.region.as_str()))
+                    .build(),
+            );
+        }
+        match request.send().await {
+            Ok(_) => {
+                tracing::info!(bucket = self.bucket(), "created the bucket");
+                Ok(())
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_bucket_already_owned_by_you()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.classify("CreateBucket", "", e)),
+        }
+    }
+
+    async fn put_single(
+        &self,
+        key: &str,
+        content: &LocalContent,
+    ) -> Result<ObjectInfo, DestinationError> {
+        let _permit = self.requests.acquire().await.expect("never closed");
+        let file = content.file.clone();
+        let size = content.size as usize;
+        let data = blocking_read(content, move || read_at(&file, 0, size)).await?;
+        let sha = Sha256::digest(&data);
+        if hex::encode(sha) != content.sha256 {
+            return Err(DestinationError::FileChanged {
+                path: content.path.clone(),
+            });
+        }
+        let checksum = base64(&sha);
+        let out = self
+            .client
+            .put_object()
+            .bucket(self.bucket())
+            .key(key)
+            .content_length(content.size as i64)
+            .checksum_sha256(&checksum)
+            .metadata(SHA256_METADATA, &content.sha256)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| self.classify("PutObject", key, e))?;
+        Ok(ObjectInfo {
+            size: content.size,
+            sha256: Some(content.sha256.clone()),
+            etag: out.e_tag().map(str::to_owned),
+            version_id: out.version_id().map(str::to_owned),
+            // The server answers with the checksum it verified the body against.
+            confirmed: out.checksum_sha256() == Some(checksum.as_str()),
+        })
+    }
+}
+
+impl Destination for S3Destination {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn prefix(&self) -> &str {
+        &self.settings.prefix
+    }
+
+    async fn check(&self) -> Result<(), DestinationError> {
+        // Listing answers with a reason (NoSuchBucket, InvalidAccessKeyId, …) where HEAD has
+        // only a status, and Airflow's reader needs the same permission.
+        let listed = self
+            .client
+            .list_objects_v2()
+            .bucket(self.bucket())
+            .prefix(&self.settings.prefix)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| self.classify("ListObjectsV2", &self.settings.prefix, e));
+        match listed {
+            Err(DestinationError::NoSuchBucket { .. }) if self.settings.create_bucket => {
+                self.create_bucket().await
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, DestinationError> {
+        let out = match self
+            .client
+            .head_object()
+            .bucket(self.bucket())
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => return Ok(None),
+            Err(e) => return Err(self.classify("HeadObject", key, e)),
+        };
+        Ok(Some(ObjectInfo {
+            size: out.content_length().unwrap_or_default().max(0) as u64,
+            sha256: out.metadata().and_then(|m| m.get(SHA256_METADATA)).cloned(),
+            etag: out.e_tag().map(str::to_owned),
+            version_id: out.version_id().map(str::to_owned),
+            confirmed: false,
+        }))
+    }
+
+    async fn sha256_prefix(&self, key: &str, len: u64) -> Result<String, DestinationError> {
+        let mut hasher = Sha256::new();
+        if len > 0 {
+            let out = self
+                .client
+                .get_object()
+                .bucket(self.bucket())
+                .key(key)
+                .range(format!("bytes=0-{}", len - 1))
+                .send()
+                .await
+                .map_err(|e| self.classify("GetObject", key, e))?;
+            let mut body = out.body;
+            let mut read = 0;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| DestinationError::Unreachable {
+                    endpoint: self.endpoint.clone(),
+                    detail: format!("reading `{key}`: {e}"),
+                })?;
+                read += chunk.len() as u64;
+                hasher.update(&chunk);
+            }
+            if read != len {
+                return Err(DestinationError::Unverified {
+                    key: key.to_owned(),
+                    expected: format!("{len} bytes"),
+                    found: format!("{read} bytes"),
+                });
+            }
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+
+    async fn put(&self, key: &str, content: &LocalContent) -> Result<ObjectInfo, DestinationError> {
+        if content.size < self.settings.multipart_threshold {
+            self.put_single(key, content).await
+        } else {
+            self.put_multipart(key, content).await
+        }
+    }
+}
+fn base64(digest: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(digest)
+}
+
+async fn blocking_read<T: Send + 'static>(
+    content: &LocalContent,
+    read: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, DestinationError> {
+    let result = tokio::task::spawn_blocking(read)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    result.map_err(|source| match source.kind() {
+        std::io::ErrorKind::UnexpectedEof => DestinationError::FileChanged {
+            path: content.path.clone(),
+        },
+        _ => DestinationError::Io {
+            path: content.path.clone(),
+            source,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_says_so() {
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+        let dest = S3Destination::connect(S3Settings {
+            bucket: "airflow".into(),
+            prefix: "logs".into(),
+            endpoint: Some("http://127.0.0.1:1".into()),
+            region: Some("us-east-1".into()),
+            path_style: true,
+            create_bucket: false,
+            multipart_threshold: 16 * MIB,
+            part_size: 8 * MIB,
+            concurrency: 2,
+        })
+        .await;
+        assert_eq!(dest.id(), "s3://airflow/logs");
+        let err = dest.check().await.unwrap_err();
+        assert!(err.is_unreachable(), "{err}");
+        assert!(err.to_string().contains("http://127.0.0.1:1"), "{err}");
+    }
+}

@@ -1,0 +1,365 @@
+//! The ledger: what was shipped, where, as which bytes, in an embedded store on local disk.
+//!
+//! A file whose size and mtime match its record was shipped and needs no call to the
+//! destination, which is what lets a restart over many thousands of shipped logs stay quiet.
+//! A record is written only after the object was verified, and its commit is durable before
+//! anyone relies on it (retention above all), so a crash at any point re-ships at worst.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::local_file::FileStat;
+
+/// (source id, path relative to the source root) → JSON [`Record`].
+const SHIPPED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("shipped");
+
+/// Records committed together at most, when uploads finish faster than commits.
+const MAX_BATCH: usize = 512;
+
+/// One shipped file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(flatten)]
+    pub stat: FileStat,
+    /// SHA-256 of the shipped bytes, lowercase hex.
+    pub sha256: String,
+    /// The destination it went to, e.g. `s3://airflow/logs`; another destination ships anew.
+    pub destination: String,
+    /// The object key that holds the bytes.
+    pub key: String,
+    pub etag: Option<String>,
+    pub version_id: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub shipped_at_ms: u64,
+}
+
+impl Record {
+    /// Whether a file that looks like `stat` needs nothing more for `destination`.
+    pub fn covers(&self, stat: FileStat, destination: &str) -> bool {
+        self.stat == stat && self.destination == destination
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger `{0}` is in use by another localship-logshipper; give each its own --ledger")]
+    InUse(PathBuf),
+    #[error("cannot create the ledger's directory `{path}`: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ledger `{path}`: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("ledger `{path}` holds an unreadable record for `{relative}`: {source}")]
+    Corrupt {
+        path: PathBuf,
+        relative: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Commit(String),
+    #[error("the ledger's writer has stopped")]
+    Stopped,
+}
+
+/// The ledger store. Reads run anywhere; writes go through [`Ledger::recorder`] or the
+/// blocking methods.
+#[derive(Clone)]
+pub struct Ledger {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl Ledger {
+    /// Opens the ledger at `path`, creating it and its directory if need be.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(LedgerError::InUse(path.to_owned()))
+            }
+            Err(e) => return Err(store_error(path, e)),
+        };
+        let ledger = Self {
+            db: Arc::new(db),
+            path: path.to_owned(),
+        };
+        let txn = ledger.db.begin_write().map_err(|e| ledger.error(e))?;
+        txn.open_table(SHIPPED).map_err(|e| ledger.error(e))?;
+        txn.commit().map_err(|e| ledger.error(e))?;
+        Ok(ledger)
+    }
+
+    pub fn get(&self, source: &str, relative: &str) -> Result<Option<Record>, LedgerError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
+        let Some(value) = table.get((source, relative)).map_err(|e| self.error(e))? else {
+            return Ok(None);
+        };
+        self.decode(relative, value.value()).map(Some)
+    }
+
+    /// Every record of one source, in path order.
+    pub fn records(&self, source: &str) -> Result<Vec<(String, Record)>, LedgerError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
+        let mut out = Vec::new();
+        for item in table
+            .range::<(&str, &str)>((source, "")..)
+            .map_err(|e| self.error(e))?
+        {
+            let (key, value) = item.map_err(|e| self.error(e))?;
+            let (key_source, relative) = key.value();
+            if key_source != source {
+                break;
+            }
+            out.push((relative.to_owned(), self.decode(relative, value.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Writes records in one durable commit.
+    pub fn put_all(&self, records: &[(&str, &str, &Record)]) -> Result<(), LedgerError> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
+            for (source, relative, record) in records {
+                let value = serde_json::to_vec(record).expect("a record always serialises");
+                table
+                    .insert((*source, *relative), value.as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.error(e))
+    }
+
+    pub fn remove(&self, source: &str, relative: &str) -> Result<(), LedgerError> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
+            table
+                .remove((source, relative))
+                .map_err(|e| self.error(e))?;
+        }
+        txn.commit().map_err(|e| self.error(e))
+    }
+
+    /// Starts the writer that commits records in batches: whatever finished while the last
+    /// commit was being synced goes into the next one.
+    pub fn recorder(&self) -> Recorder {
+        let (tx, rx) = mpsc::channel(MAX_BATCH);
+        let ledger = self.clone();
+        std::thread::Builder::new()
+            .name("ledger".into())
+            .spawn(move || ledger.write_batches(rx))
+            .expect("spawning the ledger writer");
+        Recorder { tx }
+    }
+
+    fn write_batches(&self, mut rx: mpsc::Receiver<Pending>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let rows: Vec<_> = batch
+                .iter()
+                .map(|p| (p.source.as_str(), p.relative.as_str(), &p.record))
+                .collect();
+            let result = self.put_all(&rows);
+            for pending in batch {
+                let answer = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(LedgerError::Commit(e.to_string())),
+                };
+                let _ = pending.done.send(answer);
+            }
+        }
+    }
+
+    fn decode(&self, relative: &str, bytes: &[u8]) -> Result<Record, LedgerError> {
+        serde_json::from_slice(bytes).map_err(|source| LedgerError::Corrupt {
+            path: self.path.clone(),
+            relative: relative.to_owned(),
+            source,
+        })
+    }
+
+    fn error(&self, e: impl Into<redb::Error>) -> LedgerError {
+        store_error(&self.path, e)
+    }
+}
+
+fn store_error(path: &Path, e: impl Into<redb::Error>) -> LedgerError {
+    LedgerError::Store {
+        path: path.to_owned(),
+        source: Box::new(e.into()),
+    }
+}
+
+struct Pending {
+    source: String,
+    relative: String,
+    record: Record,
+    done: oneshot::Sender<Result<(), LedgerError>>,
+}
+
+/// Hands records to the ledger's writer; cheap to clone.
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Recorder {
+    /// Returns once the record is durably committed.
+    pub async fn record(
+        &self,
+        source: &str,
+        relative: &str,
+        record: Record,
+    ) -> Result<(), LedgerError> {
+        let (done, committed) = oneshot::channel();
+        let pending = Pending {
+            source: source.to_owned(),
+            relative: relative.to_owned(),
+            record,
+            done,
+        };
+        self.tx
+            .send(pending)
+            .await
+            .map_err(|_| LedgerError::Stopped)?;
+        committed.await.map_err(|_| LedgerError::Stopped)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(size: u64, key: &str) -> Record {
+        Record {
+            stat: FileStat {
+                size,
+                mtime_ns: 1_700_000_000_123_456_789,
+            },
+            sha256: "ab".repeat(32),
+            destination: "s3://airflow/logs".into(),
+            key: key.into(),
+            etag: Some("\"etag\"".into()),
+            version_id: None,
+            shipped_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dir/ledger.redb");
+        let rel = "dag_id=a/run_id=manual__2024-01-01T00:00:00+00:00/task_id=t/attempt=1.log";
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            assert_eq!(ledger.get("/logs", rel).unwrap(), None);
+            ledger.put_all(&[("/logs", rel, &record(10, "k"))]).unwrap();
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(ledger.get("/logs", rel).unwrap(), Some(record(10, "k")));
+        assert_eq!(ledger.get("/other", rel).unwrap(), None);
+    }
+
+    #[test]
+    fn a_second_process_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        let _first = Ledger::open(&path).unwrap();
+        let err = Ledger::open(&path).err().expect("second open must fail");
+        assert!(matches!(err, LedgerError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("--ledger"));
+    }
+
+    #[test]
+    fn covers_needs_same_stat_and_destination() {
+        let r = record(10, "k");
+        assert!(r.covers(r.stat, "s3://airflow/logs"));
+        let grown = FileStat { size: 11, ..r.stat };
+        assert!(!r.covers(grown, "s3://airflow/logs"));
+        let touched = FileStat {
+            mtime_ns: r.stat.mtime_ns + 1,
+            ..r.stat
+        };
+        assert!(!r.covers(touched, "s3://airflow/logs"));
+        assert!(!r.covers(r.stat, "file:///archive"));
+    }
+
+    #[test]
+    fn records_are_listed_per_source_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("l.redb")).unwrap();
+        let (a, b, c) = (record(1, "a"), record(2, "b"), record(3, "c"));
+        ledger
+            .put_all(&[
+                ("/v1", "x/b", &b),
+                ("/v1", "x/a", &a),
+                ("/v10", "x/c", &c),
+                ("/v0", "z", &c),
+            ])
+            .unwrap();
+        let listed = ledger.records("/v1").unwrap();
+        assert_eq!(
+            listed,
+            vec![("x/a".to_string(), a.clone()), ("x/b".to_string(), b)]
+        );
+        ledger.remove("/v1", "x/b").unwrap();
+        assert_eq!(ledger.records("/v1").unwrap(), vec![("x/a".to_string(), a)]);
+        assert_eq!(ledger.records("/v10").unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn recorder_commits_durably_before_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("l.redb")).unwrap();
+        let recorder = ledger.recorder();
+        let mut tasks = Vec::new();
+        for i in 0..50u64 {
+            let recorder = recorder.clone();
+            tasks.push(tokio::spawn(async move {
+                recorder
+                    .record("/v", &format!("f{i}"), record(i, "k"))
+                    .await
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(ledger.records("/v").unwrap().len(), 50);
+        assert_eq!(ledger.get("/v", "f7").unwrap().unwrap().stat.size, 7);
+    }
+}

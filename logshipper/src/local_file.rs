@@ -1,0 +1,266 @@
+//! A log file under a source root: its stat, opened without following symlinks, hashed.
+
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::fstatat;
+use nix::unistd::{unlinkat, UnlinkatFlags};
+use sha2::{Digest, Sha256};
+
+/// Read size when hashing or copying.
+const CHUNK: usize = 1 << 20;
+
+/// What a file looks like from outside: enough to tell that it changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FileStat {
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+impl FileStat {
+    pub fn of(meta: &Metadata) -> Self {
+        Self {
+            size: meta.len(),
+            mtime_ns: meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec(),
+        }
+    }
+}
+
+/// Why a file could not be opened for shipping.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("gone")]
+    Gone,
+    #[error("a symlink is on the way; symlinks are never followed")]
+    Symlink,
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("permission denied; give the shipper read access")]
+    Unreadable,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Opens `relative` under `root` for reading: no symlink is followed on the way and the
+/// resolution never leaves the root, so a log directory cannot point the shipper at
+/// `/etc/passwd` even by swapping a directory for a link between walk and open.
+pub fn open_beneath(root: &Path, relative: &str) -> Result<(File, FileStat), OpenError> {
+    // O_NONBLOCK: opening a FIFO someone swapped in must not hang the shipper.
+    let file = open_at(root, relative, OFlag::O_NONBLOCK)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(OpenError::NotRegular);
+    }
+    Ok((file, FileStat::of(&meta)))
+}
+
+/// Removes `relative` under `root` if the name still refers to `expected` (same device and
+/// inode), so what is removed is exactly what was checked. Returns whether it was removed.
+pub fn remove_beneath(root: &Path, relative: &str, expected: &File) -> Result<bool, OpenError> {
+    let (dir, name) = relative.rsplit_once('/').unwrap_or((".", relative));
+    let dir = open_at(root, dir, OFlag::O_DIRECTORY)?;
+    let expected = expected.metadata()?;
+    let now = match fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(now) => now,
+        Err(errno) => return Err(open_error(io::Error::from(errno), errno)),
+    };
+    if now.st_dev != expected.dev() || now.st_ino != expected.ino() {
+        return Ok(false);
+    }
+    unlinkat(dir.as_fd(), name, UnlinkatFlags::NoRemoveDir)
+        .map_err(|errno| open_error(io::Error::from(errno), errno))?;
+    Ok(true)
+}
+
+fn open_at(root: &Path, relative: &str, extra: OFlag) -> Result<File, OpenError> {
+    let dir = File::open(root).map_err(|e| open_error(e, Errno::UnknownErrno))?;
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | extra;
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match nix::fcntl::openat2(dir.as_fd(), relative, how) {
+        Ok(fd) => Ok(File::from(fd)),
+        // Kernels before 5.6: refuse a symlink as the last component at least.
+        Err(Errno::ENOSYS) => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlag::O_NOFOLLOW | extra).bits())
+            .open(root.join(relative))
+            .map_err(|e| open_error(e, Errno::UnknownErrno)),
+        Err(errno) => Err(open_error(io::Error::from(errno), errno)),
+    }
+}
+
+fn open_error(err: io::Error, errno: Errno) -> OpenError {
+    let raw = err.raw_os_error().map(Errno::from_raw).unwrap_or(errno);
+    match raw {
+        Errno::ENOENT | Errno::ENOTDIR => OpenError::Gone,
+        Errno::ELOOP | Errno::EXDEV => OpenError::Symlink,
+        Errno::EACCES | Errno::EPERM => OpenError::Unreadable,
+        _ => OpenError::Io(err),
+    }
+}
+
+/// Lowercase hex SHA-256 of the first `len` bytes of `file`; fails if it is shorter.
+pub fn sha256_prefix(file: &File, len: u64) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    copy_prefix(file, len, |chunk| {
+        hasher.update(chunk);
+        Ok(())
+    })?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Feeds the first `len` bytes of `file` to `sink` in chunks, reading by offset so several
+/// readers can share one open file.
+pub fn copy_prefix(
+    file: &File,
+    len: u64,
+    mut sink: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut buf = vec![0; CHUNK.min(len as usize).max(1)];
+    let mut offset = 0;
+    while offset < len {
+        let want = buf.len().min((len - offset) as usize);
+        let n = file.read_at(&mut buf[..want], offset)?;
+        if n == 0 {
+            return Err(shorter(len, offset));
+        }
+        sink(&buf[..n])?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads exactly `len` bytes at `offset`.
+pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => shorter(offset + len as u64, offset),
+            _ => e,
+        })?;
+    Ok(buf)
+}
+
+fn shorter(expected: u64, got: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("file shrank while being read: expected {expected} bytes, found about {got}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/attempt=1.log"), b"hello\n").unwrap();
+        dir
+    }
+
+    #[test]
+    fn opens_a_regular_file_beneath_the_root() {
+        let dir = tree();
+        let (file, stat) = open_beneath(dir.path(), "a/b/attempt=1.log").unwrap();
+        assert_eq!(stat.size, 6);
+        assert_eq!(
+            sha256_prefix(&file, 6).unwrap(),
+            hex::encode(Sha256::digest(b"hello\n"))
+        );
+        assert_eq!(
+            sha256_prefix(&file, 0).unwrap(),
+            hex::encode(Sha256::digest(b""))
+        );
+        assert_eq!(read_at(&file, 1, 3).unwrap(), b"ell");
+    }
+
+    #[test]
+    fn refuses_symlinks_anywhere_on_the_way() {
+        let dir = tree();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("a/b/attempt=2.log")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("a/b"), dir.path().join("a/link")).unwrap();
+        assert!(matches!(
+            open_beneath(dir.path(), "a/b/attempt=2.log"),
+            Err(OpenError::Symlink)
+        ));
+        assert!(matches!(
+            open_beneath(dir.path(), "a/link/attempt=1.log"),
+            Err(OpenError::Symlink)
+        ));
+    }
+
+    #[test]
+    fn never_leaves_the_root() {
+        let dir = tree();
+        assert!(open_beneath(&dir.path().join("a"), "../a/b/attempt=1.log").is_err());
+        assert!(open_beneath(dir.path(), "/etc/passwd").is_err());
+    }
+
+    #[test]
+    fn reports_missing_and_special_files() {
+        let dir = tree();
+        assert!(matches!(
+            open_beneath(dir.path(), "a/b/attempt=9.log"),
+            Err(OpenError::Gone)
+        ));
+        assert!(matches!(
+            open_beneath(dir.path(), "a/b"),
+            Err(OpenError::NotRegular)
+        ));
+        nix::unistd::mkfifo(&dir.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(matches!(
+            open_beneath(dir.path(), "fifo"),
+            Err(OpenError::NotRegular)
+        ));
+    }
+
+    #[test]
+    fn removes_only_the_file_that_was_checked() {
+        let dir = tree();
+        let (checked, _) = open_beneath(dir.path(), "a/b/attempt=1.log").unwrap();
+        // Replaced under the same name after the check: left alone.
+        std::fs::remove_file(dir.path().join("a/b/attempt=1.log")).unwrap();
+        std::fs::write(dir.path().join("a/b/attempt=1.log"), b"new").unwrap();
+        assert!(!remove_beneath(dir.path(), "a/b/attempt=1.log", &checked).unwrap());
+        assert!(dir.path().join("a/b/attempt=1.log").exists());
+        let (checked, _) = open_beneath(dir.path(), "a/b/attempt=1.log").unwrap();
+        assert!(remove_beneath(dir.path(), "a/b/attempt=1.log", &checked).unwrap());
+        assert!(!dir.path().join("a/b/attempt=1.log").exists());
+        std::fs::write(dir.path().join("top.log"), b"t").unwrap();
+        let (top, _) = open_beneath(dir.path(), "top.log").unwrap();
+        assert!(remove_beneath(dir.path(), "top.log", &top).unwrap());
+    }
+
+    #[test]
+    fn hashing_more_than_the_file_holds_fails() {
+        let dir = tree();
+        let (file, _) = open_beneath(dir.path(), "a/b/attempt=1.log").unwrap();
+        assert!(sha256_prefix(&file, 7).is_err());
+        assert!(read_at(&file, 4, 3).is_err());
+    }
+
+    #[test]
+    fn stat_tracks_appends() {
+        let dir = tree();
+        let path = dir.path().join("a/b/attempt=1.log");
+        let before = FileStat::of(&std::fs::metadata(&path).unwrap());
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
+        let after = FileStat::of(&std::fs::metadata(&path).unwrap());
+        assert_eq!(after.size, 10);
+        assert_ne!(before, after);
+    }
+}

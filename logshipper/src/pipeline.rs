@@ -1,0 +1,468 @@
+//! The shipping loop: follows what discovery finds until it settles, ships settled files a
+//! few at a time, retries failures with backoff while everything else goes on, waits while
+//! the destination is away, and keeps the backlog metrics and the `--once` progress line.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+
+use crate::destination::Destination;
+use crate::discover::{Event, Source};
+use crate::key::log_kind;
+use crate::local_file::FileStat;
+use crate::metrics::Metrics;
+use crate::report::{progress_line, Summary};
+use crate::retain;
+use crate::retry::Backoff;
+use crate::settle::Observation;
+use crate::ship::{self, Context, How, Job, Outcome};
+
+/// Retries of a file that failed, doubling up to a few minutes.
+const FILE_BACKOFF: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(300),
+};
+
+/// In `--once`, a file that fails this often is given up and the run fails.
+const ONCE_ATTEMPTS: u32 = 4;
+
+/// A file whose destination was unreachable waits at least this long before it is tried
+/// again, so a dying connection does not spin the loop before the check catches up.
+const UNREACHABLE_PAUSE: Duration = Duration::from_secs(1);
+
+const BACKLOG_EVERY: Duration = Duration::from_secs(2);
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// How long a stopping daemon lets running uploads finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub settle: Duration,
+    /// Ship what is there and stop: after one settle period, files still changing are
+    /// shipped as they are (the next run re-ships them once they grew).
+    pub once: bool,
+    /// Files shipped at once.
+    pub workers: usize,
+    pub delete_after: Option<Duration>,
+    /// How often retention runs in daemon mode.
+    pub sweep_every: Duration,
+    /// Sources whose first walk must finish before `--once` can end or the daemon is ready.
+    pub initial_sources: usize,
+}
+
+/// (source id, path relative to the source root)
+type FileId = (String, String);
+
+struct Entry {
+    source: Arc<Source>,
+    obs: Observation,
+    generation: u64,
+    in_flight: bool,
+    attempts: u32,
+    retry_at: Option<Instant>,
+}
+
+type Finished = (FileId, crate::Result<Outcome>, Duration);
+
+pub struct Pipeline<D> {
+    ctx: Arc<Context<D>>,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+    entries: HashMap<FileId, Entry>,
+    due: BinaryHeap<Reverse<(Instant, u64, FileId)>>,
+    /// Files shipped or skipped, as they looked then: the same sighting again needs nothing.
+    settled: HashMap<FileId, FileStat>,
+    sources: HashMap<String, Arc<Source>>,
+    walks_left: usize,
+    running: JoinSet<Finished>,
+    generation: u64,
+    summary: Summary,
+    destination_ok: watch::Receiver<bool>,
+    recheck: Arc<Notify>,
+    ready: watch::Sender<bool>,
+    started: Instant,
+    force_at: Option<Instant>,
+}
+
+impl<D: Destination> Pipeline<D> {
+    pub fn new(
+        ctx: Arc<Context<D>>,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+        destination_ok: watch::Receiver<bool>,
+        recheck: Arc<Notify>,
+        ready: watch::Sender<bool>,
+    ) -> Self {
+        let started = Instant::now();
+        Self {
+            force_at: settings.once.then(|| started + settings.settle),
+            walks_left: settings.initial_sources,
+            ctx,
+            metrics,
+            settings,
+            entries: HashMap::new(),
+            due: BinaryHeap::new(),
+            settled: HashMap::new(),
+            sources: HashMap::new(),
+            running: JoinSet::new(),
+            generation: 0,
+            summary: Summary::default(),
+            destination_ok,
+            recheck,
+            ready,
+            started,
+        }
+    }
+
+    /// Runs until `--once` has shipped everything found, or until `stop` turns true.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Summary {
+        let mut backlog = tokio::time::interval(BACKLOG_EVERY);
+        let start = tokio::time::Instant::now();
+        let mut progress = tokio::time::interval_at(start + PROGRESS_EVERY, PROGRESS_EVERY);
+        let sweep_every = self.settings.sweep_every;
+        let mut sweep = tokio::time::interval_at(start + sweep_every, sweep_every);
+        let sweeping = self.settings.delete_after.is_some() && !self.settings.once;
+        let mut sweeper: Option<tokio::task::JoinHandle<u64>> = None;
+        loop {
+            self.dispatch();
+            if self.settings.once && self.finished() {
+                break;
+            }
+            let wake = self.next_due().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = stop_requested(&mut stop) => break,
+                Some(event) = events.recv() => self.on_event(event),
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
+                    self.on_done(done.expect("shipping tasks do not panic"));
+                }
+                _ = tokio::time::sleep_until(wake.unwrap_or(start)), if wake.is_some() => {}
+                Ok(()) = self.destination_ok.changed() => self.publish_readiness(),
+                _ = backlog.tick() => self.update_backlog(),
+                _ = progress.tick(), if self.settings.once => self.print_progress(),
+                _ = sweep.tick(), if sweeping && sweeper.as_ref().is_none_or(|s| s.is_finished()) => {
+                    if let Some(done) = sweeper.take() {
+                        self.summary.deleted += done.await.unwrap_or(0);
+                    }
+                    sweeper = Some(self.start_sweep());
+                }
+            }
+        }
+        if self.settings.once && !self.finished() {
+            let left = self.entries.len() as u64;
+            tracing::error!(files = left, "stopped before these files were shipped");
+            self.summary.failed += left;
+        }
+        if !self.settings.once && !self.running.is_empty() {
+            tracing::info!(
+                uploads = self.running.len(),
+                "stopping: letting running uploads finish"
+            );
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+                while let Some(done) = self.running.join_next().await {
+                    self.on_done(done.expect("shipping tasks do not panic"));
+                }
+            })
+            .await;
+        }
+        self.update_backlog();
+        if let Some(done) = sweeper.take() {
+            self.summary.deleted += done.await.unwrap_or(0);
+        }
+        if self.settings.once && self.settings.delete_after.is_some() {
+            self.summary.deleted += self.start_sweep().await.unwrap_or(0);
+        }
+        self.summary
+    }
+
+    fn finished(&self) -> bool {
+        self.walks_left == 0 && self.entries.is_empty() && self.running.is_empty()
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Found {
+                source,
+                relative,
+                stat,
+            } => self.on_found(source, relative, stat),
+            Event::Gone { source, relative } => {
+                let id = (source.id.clone(), relative);
+                self.settled.remove(&id);
+                if self.entries.get(&id).is_some_and(|e| !e.in_flight) {
+                    self.entries.remove(&id);
+                }
+            }
+            Event::Skipped { reason, .. } => {
+                self.metrics
+                    .skipped
+                    .with_label_values(&[reason.label()])
+                    .inc();
+                *self.summary.skipped.entry(reason.label()).or_default() += 1;
+            }
+            Event::WalkDone { source } => {
+                tracing::info!(source = %source.root.display(), "first walk done");
+                self.sources.insert(source.id.clone(), source);
+                self.walks_left = self.walks_left.saturating_sub(1);
+                self.publish_readiness();
+            }
+            Event::SourceRemoved { source } => {
+                tracing::info!(source = %source.root.display(), "source removed");
+                self.sources.remove(&source.id);
+                self.entries
+                    .retain(|(id, _), e| *id != source.id || e.in_flight);
+                self.settled.retain(|(id, _), _| *id != source.id);
+            }
+        }
+    }
+
+    fn on_found(&mut self, source: Arc<Source>, relative: String, stat: FileStat) {
+        let id = (source.id.clone(), relative);
+        if self.settled.get(&id) == Some(&stat) {
+            return;
+        }
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        if let Some(entry) = self.entries.get_mut(&id) {
+            let obs = entry.obs.observe(stat, now, wall);
+            if obs != entry.obs {
+                entry.obs = obs;
+                if !entry.in_flight {
+                    self.schedule(&id);
+                }
+            }
+            return;
+        }
+        match self.ctx.ledger.get(&source.id, &id.1) {
+            Ok(Some(record)) if record.covers(stat, self.ctx.destination.id()) => {
+                self.settled.insert(id, stat);
+                self.summary.unchanged += 1;
+                self.metrics.skipped.with_label_values(&["unchanged"]).inc();
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, file = %id.1, "cannot read the ledger; asking the destination instead")
+            }
+        }
+        self.sources
+            .entry(source.id.clone())
+            .or_insert_with(|| source.clone());
+        let entry = Entry {
+            source,
+            obs: Observation::first(stat, now, wall),
+            generation: 0,
+            in_flight: false,
+            attempts: 0,
+            retry_at: None,
+        };
+        self.entries.insert(id.clone(), entry);
+        self.schedule(&id);
+    }
+
+    /// (Re)computes when a file is due and queues it; older queue entries go stale.
+    fn schedule(&mut self, id: &FileId) {
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
+        self.generation += 1;
+        entry.generation = self.generation;
+        let due = due_at(entry, self.settings.settle, self.force_at);
+        self.due.push(Reverse((due, self.generation, id.clone())));
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        if !*self.destination_ok.borrow() || self.running.len() >= self.settings.workers {
+            return None;
+        }
+        self.due.peek().map(|Reverse((due, _, _))| *due)
+    }
+
+    fn dispatch(&mut self) {
+        if !*self.destination_ok.borrow() {
+            return;
+        }
+        let now = Instant::now();
+        while self.running.len() < self.settings.workers {
+            let Some(Reverse((due, generation, id))) = self.due.pop() else {
+                break;
+            };
+            if due > now {
+                self.due.push(Reverse((due, generation, id)));
+                break;
+            }
+            let Some(entry) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            if entry.generation != generation || entry.in_flight {
+                continue;
+            }
+            if due_at(entry, self.settings.settle, self.force_at) > now {
+                self.schedule(&id);
+                continue;
+            }
+            if !entry.obs.is_settled(now, self.settings.settle) {
+                self.summary.unsettled += 1;
+            }
+            entry.in_flight = true;
+            let job = Job {
+                source: entry.source.clone(),
+                relative: id.1.clone(),
+                expected: entry.obs.stat,
+            };
+            let ctx = self.ctx.clone();
+            self.running.spawn(async move {
+                let started = Instant::now();
+                let result = ship::ship(&ctx, &job).await;
+                (id, result, started.elapsed())
+            });
+        }
+    }
+
+    fn on_done(&mut self, (id, result, elapsed): Finished) {
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return;
+        };
+        entry.in_flight = false;
+        let file = entry.source.root.join(&id.1);
+        let now = Instant::now();
+        match result {
+            Ok(Outcome::Shipped(shipped)) => {
+                let unchanged_since = entry.obs.stat == shipped.stat;
+                self.count_shipped(&id.1, shipped.how, shipped.stat.size, elapsed);
+                tracing::info!(file = %file.display(), key = %shipped.key, how = ?shipped.how, bytes = shipped.stat.size, "shipped");
+                self.settled.insert(id.clone(), shipped.stat);
+                if unchanged_since {
+                    self.entries.remove(&id);
+                } else {
+                    self.schedule(&id);
+                }
+            }
+            Ok(Outcome::Changed(stat)) => {
+                entry.obs = entry.obs.observe(stat, now, SystemTime::now());
+                self.schedule(&id);
+            }
+            Ok(Outcome::Gone) => {
+                self.entries.remove(&id);
+            }
+            Ok(Outcome::Skipped(reason)) => {
+                tracing::warn!(file = %file.display(), reason = reason.label(), "not shipping this file");
+                self.metrics
+                    .skipped
+                    .with_label_values(&[reason.label()])
+                    .inc();
+                *self.summary.skipped.entry(reason.label()).or_default() += 1;
+                self.settled.insert(id.clone(), entry.obs.stat);
+                self.entries.remove(&id);
+            }
+            Err(e) => {
+                self.metrics
+                    .failures
+                    .with_label_values(&[e.metric_label()])
+                    .inc();
+                if e.is_unreachable() && !self.settings.once {
+                    entry.retry_at = Some(now + UNREACHABLE_PAUSE);
+                    self.recheck.notify_one();
+                } else {
+                    entry.attempts += 1;
+                    if self.settings.once && entry.attempts >= ONCE_ATTEMPTS {
+                        tracing::error!(file = %file.display(), error = %e, "giving up on this file");
+                        self.summary.failed += 1;
+                        self.entries.remove(&id);
+                        return;
+                    }
+                    let delay = FILE_BACKOFF.next(entry.attempts);
+                    tracing::warn!(file = %file.display(), error = %e, retry_in = ?delay, "shipping failed");
+                    entry.retry_at = Some(now + delay);
+                }
+                self.schedule(&id);
+            }
+        }
+    }
+
+    fn count_shipped(&mut self, relative: &str, how: How, size: u64, elapsed: Duration) {
+        let kind = log_kind(relative).label();
+        match how {
+            How::Unchanged => {
+                self.summary.unchanged += 1;
+                self.metrics.skipped.with_label_values(&["unchanged"]).inc();
+                return;
+            }
+            How::AlreadyThere => self.summary.already_there += 1,
+            How::Uploaded | How::Replaced | How::Conflict => {
+                self.summary.shipped += 1;
+                self.summary.bytes += size;
+                self.metrics.bytes_shipped.inc_by(size);
+                self.metrics.upload_seconds.observe(elapsed.as_secs_f64());
+            }
+        }
+        if how == How::Conflict {
+            self.summary.conflicts += 1;
+            self.metrics.conflicts.inc();
+        }
+        self.metrics.files_shipped.with_label_values(&[kind]).inc();
+    }
+
+    fn publish_readiness(&self) {
+        let ready = self.walks_left == 0 && *self.destination_ok.borrow();
+        self.ready
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
+    }
+
+    fn update_backlog(&self) {
+        let now_ns = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        let bytes: u64 = self.entries.values().map(|e| e.obs.stat.size).sum();
+        let oldest = self.entries.values().map(|e| e.obs.stat.mtime_ns).min();
+        let age = oldest.map_or(0.0, |mtime| (now_ns - mtime).max(0) as f64 / 1e9);
+        self.metrics.backlog_files.set(self.entries.len() as i64);
+        self.metrics.backlog_bytes.set(bytes as i64);
+        self.metrics.oldest_unshipped_age.set(age);
+    }
+
+    fn print_progress(&self) {
+        let done = self.summary.done();
+        let total = done + self.entries.len() as u64;
+        eprintln!(
+            "{}",
+            progress_line(done, total, self.summary.bytes, self.started.elapsed())
+        );
+    }
+
+    /// Runs retention over every known source, off the loop; yields the files removed.
+    fn start_sweep(&self) -> tokio::task::JoinHandle<u64> {
+        let delete_after = self.settings.delete_after.unwrap_or(Duration::MAX);
+        let sources: Vec<Arc<Source>> = self.sources.values().cloned().collect();
+        let ledger = self.ctx.ledger.clone();
+        let destination = self.ctx.destination.id().to_owned();
+        let metrics = self.metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            let files = retain::sweep_all(&ledger, &sources, &destination, delete_after);
+            metrics.deleted.inc_by(files);
+            files
+        })
+    }
+}
+
+/// Completes once `stop` turns true; never, if its sender is gone.
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// When a file should next be looked at: once settled (or at the `--once` deadline), and not
+/// before its retry time.
+fn due_at(entry: &Entry, settle: Duration, force_at: Option<Instant>) -> Instant {
+    let settles = entry.obs.settles_at(settle);
+    let settles = force_at.map_or(settles, |force| settles.min(force));
+    entry.retry_at.map_or(settles, |retry| retry.max(settles))
+}
