@@ -11,6 +11,7 @@ test: servers build
 ## modules into ~/.cache/localship-test (a no-op when cached).
 servers:
 	bash tests/servers/build.sh >/dev/null
+	bash tests/airflow/setup.sh >/dev/null
 
 ## The release binaries the e2e tests run (the same ones the image ships).
 build:

@@ -2,6 +2,7 @@
 //! shared by the tests of this binary, each test works in a fresh namespace
 //! with agents and provisioner names of its own, and every MinIO is a test's own.
 
+mod airflow_reader;
 mod common;
 mod deploy;
 mod provisioner;

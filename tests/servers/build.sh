@@ -56,7 +56,8 @@ GOBIN="$bin" go install -trimpath -ldflags "$ldflags" "github.com/minio/minio@$M
 GOBIN="$bin" go install -trimpath -ldflags "$ldflags" "github.com/minio/mc@$MC_VERSION"
 
 have_all
-# Builds for other pins are dead weight (~450 MB each).
-find "$cache_root" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
+# Server builds for other pins are dead weight (~450 MB each); other
+# caches beside them (the Airflow venv) are not ours to remove.
+find "$cache_root" -mindepth 1 -maxdepth 1 -type d -regextype posix-extended -regex '.*/[0-9a-f]{12}' ! -name "$key" -exec rm -rf {} +
 echo "servers: built in $(( $(date +%s) - start ))s into $bin" >&2
 echo "$bin"

@@ -4,6 +4,7 @@
 //! cached outside the repository.
 
 pub mod agents;
+pub mod airflow;
 pub mod apply;
 pub mod certs;
 pub mod cluster;

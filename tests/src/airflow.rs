@@ -1,0 +1,106 @@
+//! Airflow's own S3 log reader, run from a pinned venv (`tests/airflow/`), so
+//! tests can prove the Airflow UI finds and shows what localship uploaded.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::Minio;
+
+/// What Airflow's reader returned for one relative log path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AirflowRead {
+    /// Every `s3://` key that starts with `<remote base>/<path>`, sorted: the
+    /// log itself and any `.trigger.<id>.log` siblings.
+    pub keys: Vec<String>,
+    /// The text of each key, in the order of `keys` (for a key it could not
+    /// read, Airflow's error message, as the UI shows it); `None` when Airflow
+    /// found no key at all.
+    pub content: Option<Vec<String>>,
+}
+
+fn airflow_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("airflow")
+}
+
+/// The python of the venv holding the pinned Airflow. Runs
+/// `tests/airflow/setup.sh` (a no-op when its cache is warm) once per process.
+pub fn airflow_python() -> Result<PathBuf> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| install().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn install() -> Result<PathBuf> {
+    let script = airflow_dir().join("setup.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "installing Airflow for the tests failed ({}); rerun `bash {}` to see why:\n{}",
+            out.status,
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8(out.stdout)?;
+    let python = stdout
+        .lines()
+        .last()
+        .context("setup.sh printed no python path")?;
+    Ok(PathBuf::from(python.trim()))
+}
+
+/// Reads each of `relative_paths` (relative to `remote_base`, an
+/// `s3://bucket/prefix` URL) from `minio` the way the Airflow UI does.
+/// Blocks for a few seconds; async tests should call it in `spawn_blocking`.
+pub fn read_with_airflow(
+    minio: &Minio,
+    remote_base: &str,
+    relative_paths: &[&str],
+) -> Result<BTreeMap<String, AirflowRead>> {
+    let python = airflow_python()?;
+    let script = airflow_dir().join("read_logs.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .args([
+            "--endpoint",
+            &minio.endpoint(),
+            "--remote-base",
+            remote_base,
+        ])
+        .args(relative_paths)
+        // A developer's session or profile must not leak into MinIO's keys.
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .envs(minio.aws_env())
+        .output()
+        .with_context(|| format!("run {} {}", python.display(), script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "Airflow's log reader failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let reads: BTreeMap<String, AirflowRead> =
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "read_logs.py printed no JSON result: {}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    if let Some(missing) = relative_paths.iter().find(|p| !reads.contains_key(**p)) {
+        bail!("read_logs.py returned nothing for {missing}: {reads:?}");
+    }
+    Ok(reads)
+}
