@@ -5,5 +5,6 @@
 mod airflow_reader;
 mod common;
 mod deploy;
+mod logshipper;
 mod provisioner;
 mod smoke;

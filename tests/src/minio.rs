@@ -80,6 +80,11 @@ impl Minio {
             ("MINIO_BROWSER".to_string(), "off".to_string()),
             ("MINIO_UPDATE".to_string(), "off".to_string()),
             ("MINIO_CALLHOME_ENABLE".to_string(), "off".to_string()),
+            // Lets tests count S3 requests from the server's own metrics.
+            (
+                "MINIO_PROMETHEUS_AUTH_TYPE".to_string(),
+                "public".to_string(),
+            ),
         ];
         let process = Process::spawn("minio", &server_bin("minio")?, &args, &envs, &self.dir)?;
         self.process = Some(process);
@@ -97,6 +102,19 @@ impl Minio {
                 crate::process::log_tail(&self.dir.join("minio.log"), 30)
             )
         })
+    }
+
+    /// S3 requests this server has answered so far, of every API, from its
+    /// own Prometheus counters.
+    pub fn s3_requests(&self) -> Result<u64> {
+        // The v3 endpoint is current; v2's counters are cached for seconds.
+        let (code, body) = crate::agents::http_get(self.port, "/minio/metrics/v3/api/requests")?;
+        anyhow::ensure!(code == 200, "MinIO metrics answered {code}");
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with("minio_api_requests_total{") && l.contains(r#"type="s3""#))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64)
     }
 
     /// An S3 client using path-style addressing against this server.

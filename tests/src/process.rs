@@ -118,6 +118,24 @@ impl Process {
         Ok(())
     }
 
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} still running after {timeout:?}:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// kill -9, as a crash or an OOM kill would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
