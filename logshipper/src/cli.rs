@@ -1,4 +1,5 @@
-//! Command line and environment: every flag can also be set as `LOCALSHIP_<FLAG>`.
+//! Command line and environment: every flag can also be set as `LOCALSHIP_<FLAG>`, except
+//! `--node-name`, which is `NODE_NAME` as the downward API usually sets it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +14,9 @@ use crate::{Error, Result};
 
 /// Where `/metrics`, `/healthz` and `/readyz` listen in daemon mode unless told otherwise.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9102";
+
+/// Claim annotation (or StorageClass parameter or annotation) that opts a volume in.
+pub const DEFAULT_OPT_IN_ANNOTATION: &str = "localship.io/ship-to";
 
 /// Ships finished Apache Airflow task logs to S3/MinIO or a directory, exactly once.
 ///
@@ -136,6 +140,20 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", env = "LOCALSHIP_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
+    /// Kubernetes mode: ship the logs in this node's localship volumes that opt in (see
+    /// --opt-in-annotation), each volume's directory being an Airflow log folder, and hold a
+    /// deleted volume until every log in it is shipped. The API client comes from KUBECONFIG
+    /// or the pod's service account. --source is not used.
+    #[arg(long, value_name = "NODE", env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Kubernetes mode: the annotation on a PersistentVolumeClaim (or parameter or annotation
+    /// on its StorageClass; the claim's wins) that opts its volume in. Its value must name
+    /// the same destination as --dest, e.g. `s3://airflow/logs`; a volume naming another is
+    /// reported in an Event and not shipped.
+    #[arg(long, value_name = "NAME", env = "LOCALSHIP_OPT_IN_ANNOTATION", default_value = DEFAULT_OPT_IN_ANNOTATION)]
+    pub opt_in_annotation: String,
+
     /// Log output: `text` for people, `json` for log collectors.
     #[arg(long, value_enum, env = "LOCALSHIP_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -162,6 +180,22 @@ impl Args {
         }
         if self.rescan.is_zero() {
             return Err(Error::Config("--rescan must be longer than zero".into()));
+        }
+        if let Some(node) = &self.node_name {
+            if node.is_empty() {
+                return Err(Error::Config(
+                    "--node-name (NODE_NAME) is empty; set it from spec.nodeName".into(),
+                ));
+            }
+            if self.once {
+                return Err(Error::Config(
+                    "--once cannot be used with --node-name: volumes are watched until deleted"
+                        .into(),
+                ));
+            }
+            if self.opt_in_annotation.is_empty() {
+                return Err(Error::Config("--opt-in-annotation is empty".into()));
+            }
         }
         Ok(())
     }
@@ -278,6 +312,23 @@ mod tests {
         assert!(args.validate().unwrap_err().to_string().contains("5MiB"));
         let args = Args::try_parse_from(["x", "--upload-concurrency", "0"]).unwrap();
         assert!(args.validate().is_err());
+        let args = Args::try_parse_from(["x", "--node-name", "a", "--once"]).unwrap();
+        assert!(args.validate().unwrap_err().to_string().contains("--once"));
+        let args = Args::try_parse_from(["x", "--node-name", ""]).unwrap();
+        assert!(args
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("NODE_NAME"));
+    }
+
+    #[test]
+    fn kubernetes_mode() {
+        let args = Args::try_parse_from(["x"]).unwrap();
+        assert_eq!(args.opt_in_annotation, "localship.io/ship-to");
+        let args = Args::try_parse_from(["x", "--node-name", "node-a"]).unwrap();
+        assert_eq!(args.node_name.as_deref(), Some("node-a"));
+        args.validate().unwrap();
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Source {
     /// Names the source in the ledger: the canonical root path.
     pub id: String,
     pub root: PathBuf,
+    /// Walked once to ship everything in it now, settled or not: its volume is going away.
+    pub draining: bool,
     dev: u64,
     removed: AtomicBool,
 }
@@ -45,6 +47,7 @@ impl Source {
         Ok(Self {
             id: root.to_string_lossy().into_owned(),
             root,
+            draining: false,
             dev: meta.dev(),
             removed: AtomicBool::new(false),
         })
@@ -122,16 +125,30 @@ impl Sources {
         if let Some((running, _)) = self.running.get(&source.root) {
             return Ok(running.clone());
         }
-        let root = source.root.clone();
+        self.start(source.clone(), self.rescan);
+        Ok(source)
+    }
+
+    /// Stops watching `root` and walks it once more as a draining source, whose files are
+    /// due at once; `WalkDone` follows the last of them. Called again, it walks again.
+    pub async fn drain(&mut self, root: &Path) -> io::Result<Arc<Source>> {
+        let mut source = Source::new(root)?;
+        source.draining = true;
+        self.remove(&source.root).await;
+        let source = Arc::new(source);
+        self.start(source.clone(), None);
+        Ok(source)
+    }
+
+    fn start(&mut self, source: Arc<Source>, rescan: Option<Duration>) {
         let scan = Scan {
             source: source.clone(),
             filter: self.filter.clone(),
             events: self.events.clone(),
             warned: Arc::new(Mutex::new(HashSet::new())),
         };
-        let task = tokio::spawn(scan.run(self.rescan));
-        self.running.insert(root, (source.clone(), task));
-        Ok(source)
+        let task = tokio::spawn(scan.run(rescan));
+        self.running.insert(source.root.clone(), (source, task));
     }
 
     /// Stops watching `root`; what was found there and not shipped yet is dropped downstream.
@@ -278,6 +295,32 @@ mod tests {
                 break;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_drain_stops_the_watch_and_walks_once_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(root, TASK, b"x");
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut sources = Sources::new(filter(), tx, Some(Duration::from_secs(3600)));
+        sources.add(root).unwrap();
+        assert_eq!(first_walk(&mut rx).await.0, vec![TASK.to_string()]);
+
+        let drained = sources.drain(root).await.unwrap();
+        assert!(drained.draining);
+        assert_eq!(sources.len(), 1);
+        assert!(matches!(next(&mut rx).await, Event::SourceRemoved { source } if !source.draining));
+        match next(&mut rx).await {
+            Event::Found {
+                source, relative, ..
+            } => {
+                assert!(source.draining);
+                assert_eq!(relative, TASK);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(next(&mut rx).await, Event::WalkDone { source } if source.draining));
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! `/metrics`, `/healthz` and `/readyz`.
 //!
 //! Ready means the first walk of every source is done and the destination answered its
-//! check: until then a rollout should not count the pod as shipping.
+//! check (and, in Kubernetes mode, this node's volumes are known): until then a rollout
+//! should not count the pod as shipping.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,10 +21,11 @@ use crate::{Error, Result};
 #[derive(Clone)]
 struct Served {
     metrics: Arc<Metrics>,
-    ready: watch::Receiver<bool>,
+    ready: Vec<watch::Receiver<bool>>,
 }
 
-pub fn router(metrics: Arc<Metrics>, ready: watch::Receiver<bool>) -> Router {
+/// Serves readiness as ready once every one of `ready` is true.
+pub fn router(metrics: Arc<Metrics>, ready: Vec<watch::Receiver<bool>>) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -59,7 +61,7 @@ async fn render_metrics(State(s): State<Served>) -> impl IntoResponse {
 }
 
 async fn readiness(State(s): State<Served>) -> impl IntoResponse {
-    if *s.ready.borrow() {
+    if s.ready.iter().all(|r| *r.borrow()) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -90,7 +92,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = serve(addr, router(metrics, ready), async {
+        let server = serve(addr, router(metrics, vec![ready]), async {
             let _ = stopped.await;
         })
         .await
@@ -117,7 +119,7 @@ mod tests {
         let addr = taken.local_addr().unwrap();
         let (_tx, ready) = watch::channel(false);
         let metrics = Arc::new(Metrics::new().unwrap());
-        let err = serve(addr, router(metrics, ready), async {})
+        let err = serve(addr, router(metrics, vec![ready]), async {})
             .await
             .err()
             .unwrap();

@@ -5,7 +5,8 @@
 //! names its object, `ship` uploads it to a `destination` (checking first what is already
 //! there, by the rule in `coexist`) and records it in the `ledger`; `retain` removes local
 //! files once shipped. `pipeline` runs the loop, `health` keeps an eye on the destination;
-//! `metrics` and `http` show it.
+//! `metrics` and `http` show it. In Kubernetes mode, `kubernetes` turns this node's opted-in
+//! volumes into sources and holds each deleted one until its logs are shipped.
 
 pub mod cli;
 pub mod coexist;
@@ -14,6 +15,7 @@ pub mod discover;
 pub mod health;
 pub mod http;
 pub mod key;
+pub mod kubernetes;
 pub mod ledger;
 pub mod local_file;
 pub mod metrics;
@@ -83,6 +85,14 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Config(String),
+    #[error(
+        "no Kubernetes API client: {0} — set KUBECONFIG, or run in a pod with a service account"
+    )]
+    KubeClient(#[source] kube::Error),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Volume(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -100,6 +110,9 @@ impl Error {
             Error::Listen { .. } => "listen",
             Error::Metrics(_) => "metrics",
             Error::Config(_) => "config",
+            Error::KubeClient(_) => "kube_client",
+            Error::Kube(_) => "kube",
+            Error::Volume(_) => "volume",
         }
     }
 
@@ -142,13 +155,15 @@ pub async fn run_with<D: Destination>(
     let ledger = Ledger::open(&args.ledger)?;
     let metrics = Arc::new(Metrics::new()?);
     let (ready_tx, ready_rx) = watch::channel(false);
+    // Kubernetes mode is ready only once this node's volumes are known.
+    let (synced_tx, synced_rx) = watch::channel(args.node_name.is_none());
     let server = match args.metrics_addr() {
         Some(addr) => {
             let mut stopping = stop.clone();
             let shutdown = async move {
                 let _ = stopping.wait_for(|stop| *stop).await;
             };
-            let router = http::router(metrics.clone(), ready_rx);
+            let router = http::router(metrics.clone(), vec![ready_rx, synced_rx]);
             Some(tokio::spawn(http::serve(addr, router, shutdown).await?))
         }
         None => None,
@@ -179,24 +194,48 @@ pub async fn run_with<D: Destination>(
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let rescan = (!args.once).then_some(args.rescan);
     let mut sources = Sources::new(filter, events_tx, rescan);
-    for root in &args.sources {
-        sources.add(root).map_err(|source| Error::Source {
-            path: root.clone(),
-            source,
-        })?;
-    }
+    let (drains_tx, drains_rx) = mpsc::unbounded_channel();
+    // Kubernetes mode hands the sources to the volume watch; --source is not used then.
+    let (sources, volumes) = match &args.node_name {
+        Some(node) => {
+            let watch = kubernetes::watch_volumes(
+                &args,
+                node,
+                sources,
+                drains_rx,
+                metrics.clone(),
+                synced_tx,
+                stop.clone(),
+            );
+            (None, Some(watch.await?))
+        }
+        None => {
+            for root in &args.sources {
+                sources.add(root).map_err(|source| Error::Source {
+                    path: root.clone(),
+                    source,
+                })?;
+            }
+            (Some(sources), None)
+        }
+    };
     let settings = Settings {
         settle: args.settle,
         once: args.once,
         workers: args.upload_concurrency,
         delete_after: args.delete_after,
         sweep_every: args.rescan,
-        initial_sources: sources.len(),
+        initial_sources: sources.as_ref().map_or(0, Sources::len),
     };
     let summary = Pipeline::new(ctx, metrics, settings, ok_rx, recheck, ready_tx)
+        .report_drains(drains_tx)
         .run(events_rx, stop)
         .await;
     drop(sources);
+    // Reconciles are idempotent and the PVs hold what matters: stopping mid-way is safe.
+    if let Some(volumes) = volumes {
+        volumes.abort();
+    }
     if let Some(checker) = checker {
         checker.abort();
     }

@@ -31,6 +31,10 @@ pub struct Metrics {
     pub deleted: IntCounter,
     /// 1 while the destination's last check passed.
     pub destination_up: IntGauge,
+    /// Kubernetes mode: opted-in volumes of this node whose logs are shipped.
+    pub volumes_watched: IntGauge,
+    /// Kubernetes mode: deleted volumes held until their logs are shipped.
+    pub volumes_draining: IntGauge,
 }
 
 impl Metrics {
@@ -89,6 +93,14 @@ impl Metrics {
                 "destination_up",
                 "1 while the destination's last check passed.",
             ))?,
+            volumes_watched: IntGauge::with_opts(opts(
+                "volumes_watched",
+                "Opted-in volumes of this node whose logs are shipped (Kubernetes mode).",
+            ))?,
+            volumes_draining: IntGauge::with_opts(opts(
+                "volumes_draining",
+                "Deleted volumes held until every log in them is shipped (Kubernetes mode).",
+            ))?,
             registry,
         };
         metrics.register()?;
@@ -108,6 +120,8 @@ impl Metrics {
         r.register(Box::new(self.upload_seconds.clone()))?;
         r.register(Box::new(self.deleted.clone()))?;
         r.register(Box::new(self.destination_up.clone()))?;
+        r.register(Box::new(self.volumes_watched.clone()))?;
+        r.register(Box::new(self.volumes_draining.clone()))?;
         Ok(())
     }
 

@@ -1,6 +1,9 @@
 //! The shipping loop: follows what discovery finds until it settles, ships settled files a
 //! few at a time, retries failures with backoff while everything else goes on, waits while
 //! the destination is away, and keeps the backlog metrics and the `--once` progress line.
+//! A draining source (its volume is being deleted) ships at once and is reported when done.
+
+mod drain;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -20,6 +23,8 @@ use crate::retain;
 use crate::retry::Backoff;
 use crate::settle::Observation;
 use crate::ship::{self, Context, How, Job, Outcome};
+pub use drain::DrainReport;
+use drain::Drains;
 
 /// Retries of a file that failed, doubling up to a few minutes.
 const FILE_BACKOFF: Backoff = Backoff {
@@ -65,6 +70,8 @@ struct Entry {
     in_flight: bool,
     attempts: u32,
     retry_at: Option<Instant>,
+    /// Found by a draining source: due now, settled or not.
+    drain: bool,
 }
 
 type Finished = (FileId, crate::Result<Outcome>, Duration);
@@ -87,6 +94,7 @@ pub struct Pipeline<D> {
     ready: watch::Sender<bool>,
     started: Instant,
     force_at: Option<Instant>,
+    drains: Drains,
 }
 
 impl<D: Destination> Pipeline<D> {
@@ -116,7 +124,14 @@ impl<D: Destination> Pipeline<D> {
             recheck,
             ready,
             started,
+            drains: Drains::default(),
         }
+    }
+
+    /// Tells `report` the source of each finished drain.
+    pub fn report_drains(mut self, report: DrainReport) -> Self {
+        self.drains = Drains::new(Some(report));
+        self
     }
 
     /// Runs until `--once` has shipped everything found, or until `stop` turns true.
@@ -134,6 +149,9 @@ impl<D: Destination> Pipeline<D> {
         let mut sweeper: Option<tokio::task::JoinHandle<u64>> = None;
         loop {
             self.dispatch();
+            let entries = &self.entries;
+            self.drains
+                .report_finished(|id| entries.keys().any(|(source, _)| source == id));
             if self.settings.once && self.finished() {
                 break;
             }
@@ -208,6 +226,10 @@ impl<D: Destination> Pipeline<D> {
                     .inc();
                 *self.summary.skipped.entry(reason.label()).or_default() += 1;
             }
+            Event::WalkDone { source } if source.draining => {
+                tracing::info!(source = %source.root.display(), "final walk done; draining");
+                self.drains.walked(source);
+            }
             Event::WalkDone { source } => {
                 tracing::info!(source = %source.root.display(), "first walk done");
                 self.sources.insert(source.id.clone(), source);
@@ -216,6 +238,7 @@ impl<D: Destination> Pipeline<D> {
             }
             Event::SourceRemoved { source } => {
                 tracing::info!(source = %source.root.display(), "source removed");
+                self.drains.removed(&source.id);
                 self.sources.remove(&source.id);
                 self.entries
                     .retain(|(id, _), e| *id != source.id || e.in_flight);
@@ -232,7 +255,9 @@ impl<D: Destination> Pipeline<D> {
         let (now, wall) = (Instant::now(), SystemTime::now());
         if let Some(entry) = self.entries.get_mut(&id) {
             let obs = entry.obs.observe(stat, now, wall);
-            if obs != entry.obs {
+            let now_draining = source.draining && !entry.drain;
+            entry.drain |= source.draining;
+            if obs != entry.obs || now_draining {
                 entry.obs = obs;
                 if !entry.in_flight {
                     self.schedule(&id);
@@ -256,6 +281,7 @@ impl<D: Destination> Pipeline<D> {
             .entry(source.id.clone())
             .or_insert_with(|| source.clone());
         let entry = Entry {
+            drain: source.draining,
             source,
             obs: Observation::first(stat, now, wall),
             generation: 0,
@@ -459,9 +485,14 @@ async fn stop_requested(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// When a file should next be looked at: once settled (or at the `--once` deadline), and not
-/// before its retry time.
+/// When a file should next be looked at: once settled (or at the `--once` deadline, or now
+/// when draining), and not before its retry time.
 fn due_at(entry: &Entry, settle: Duration, force_at: Option<Instant>) -> Instant {
+    if entry.drain {
+        return entry
+            .retry_at
+            .map_or(entry.obs.seen_at, |retry| retry.max(entry.obs.seen_at));
+    }
     let settles = entry.obs.settles_at(settle);
     let settles = force_at.map_or(settles, |force| settles.min(force));
     entry.retry_at.map_or(settles, |retry| retry.max(settles))

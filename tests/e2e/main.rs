@@ -7,4 +7,5 @@ mod common;
 mod deploy;
 mod logshipper;
 mod provisioner;
+mod shipper_volumes;
 mod smoke;

@@ -187,6 +187,19 @@ impl std::str::FromStr for DestinationUrl {
     }
 }
 
+/// The URL again, normalised: `s3://airflow/logs`, `file:///var/archive`.
+impl std::fmt::Display for DestinationUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DestinationUrl::S3 { bucket, prefix } if prefix.is_empty() => {
+                write!(f, "s3://{bucket}")
+            }
+            DestinationUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            DestinationUrl::File { dir } => write!(f, "file://{}", dir.display()),
+        }
+    }
+}
+
 fn valid_bucket(bucket: &str) -> bool {
     (3..=63).contains(&bucket.len())
         && bucket
@@ -218,6 +231,17 @@ mod tests {
             parse("s3://my.bucket-1/a//b/"),
             Ok(s3("my.bucket-1", "a/b"))
         );
+    }
+
+    #[test]
+    fn urls_print_normalised() {
+        for (url, shown) in [
+            ("s3://airflow/logs/", "s3://airflow/logs"),
+            ("s3://airflow", "s3://airflow"),
+            ("file:///var/archive", "file:///var/archive"),
+        ] {
+            assert_eq!(parse(url).unwrap().to_string(), shown);
+        }
     }
 
     #[test]

@@ -115,6 +115,8 @@ impl Tree {
                 command.env_remove(key);
             }
         }
+        // NODE_NAME would turn on Kubernetes mode.
+        command.env_remove("NODE_NAME");
         command
     }
 

@@ -1,0 +1,132 @@
+//! Whether a volume's logs are shipped: its claim, else its StorageClass (a parameter, then
+//! an annotation), carries the opt-in annotation naming this shipper's destination. Pure.
+//!
+//! The value must name the same destination as `--dest` (compared parsed, so a trailing
+//! slash does not matter): one shipper per node ships to one place, and a volume that asks
+//! for another is refused loudly rather than shipped somewhere it did not ask for.
+
+use std::collections::BTreeMap;
+
+use crate::destination::DestinationUrl;
+
+type Annotations = BTreeMap<String, String>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OptIn {
+    No,
+    Yes,
+    /// It asks to be shipped, but not as this shipper can: the message says what to fix.
+    Refused(String),
+}
+
+/// Where the opt-in may be, most specific first.
+pub struct Asked<'a> {
+    pub claim: Option<&'a Annotations>,
+    pub class_parameters: Option<&'a Annotations>,
+    pub class_annotations: Option<&'a Annotations>,
+}
+
+pub fn decide(key: &str, dest: &DestinationUrl, asked: Asked<'_>) -> OptIn {
+    let places = [
+        ("the claim's annotation", asked.claim),
+        ("the StorageClass parameter", asked.class_parameters),
+        ("the StorageClass annotation", asked.class_annotations),
+    ];
+    let Some((place, value)) = places
+        .into_iter()
+        .find_map(|(place, map)| Some((place, map?.get(key)?)))
+    else {
+        return OptIn::No;
+    };
+    match value.trim().parse::<DestinationUrl>() {
+        Ok(named) if &named == dest => OptIn::Yes,
+        Ok(named) => OptIn::Refused(format!(
+            "{place} {key} asks for {named}, but this node's log shipper ships to {dest} \
+             (--dest); the volume's logs are not shipped — set it to {dest}"
+        )),
+        Err(e) => OptIn::Refused(format!(
+            "{place} {key}: {e}; the volume's logs are not shipped — set it to {dest}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "localship.io/ship-to";
+
+    fn map(pairs: &[(&str, &str)]) -> Annotations {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn dest() -> DestinationUrl {
+        "s3://airflow/logs".parse().unwrap()
+    }
+
+    fn decide_with(
+        claim: &[(&str, &str)],
+        params: &[(&str, &str)],
+        class: &[(&str, &str)],
+    ) -> OptIn {
+        let (claim, params, class) = (map(claim), map(params), map(class));
+        let asked = Asked {
+            claim: Some(&claim),
+            class_parameters: Some(&params),
+            class_annotations: Some(&class),
+        };
+        decide(KEY, &dest(), asked)
+    }
+
+    #[test]
+    fn nothing_asked_is_no() {
+        assert_eq!(decide_with(&[("other", "x")], &[], &[]), OptIn::No);
+        let asked = Asked {
+            claim: None,
+            class_parameters: None,
+            class_annotations: None,
+        };
+        assert_eq!(decide(KEY, &dest(), asked), OptIn::No);
+    }
+
+    #[test]
+    fn the_claim_or_the_class_opts_in() {
+        assert_eq!(
+            decide_with(&[(KEY, "s3://airflow/logs")], &[], &[]),
+            OptIn::Yes
+        );
+        assert_eq!(
+            decide_with(&[], &[(KEY, "s3://airflow/logs/")], &[]),
+            OptIn::Yes
+        );
+        assert_eq!(
+            decide_with(&[], &[], &[(KEY, " s3://airflow/logs")]),
+            OptIn::Yes
+        );
+    }
+
+    #[test]
+    fn the_claim_wins_over_the_class() {
+        let refused = decide_with(
+            &[(KEY, "s3://other/logs")],
+            &[(KEY, "s3://airflow/logs")],
+            &[],
+        );
+        assert!(matches!(refused, OptIn::Refused(m) if m.contains("claim")));
+        let yes = decide_with(&[(KEY, "s3://airflow/logs")], &[], &[(KEY, "s3://other")]);
+        assert_eq!(yes, OptIn::Yes);
+    }
+
+    #[test]
+    fn another_destination_or_garbage_is_refused_with_what_to_fix() {
+        for value in ["s3://airflow/other", "true", "file:///tmp/x"] {
+            match decide_with(&[(KEY, value)], &[], &[]) {
+                OptIn::Refused(m) => assert!(m.contains("set it to s3://airflow/logs"), "{m}"),
+                other => panic!("{value}: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The log shipper in Kubernetes mode beside the provisioner, on the real control plane with
+//! a real MinIO: an opted-in volume that is deleted keeps its directory until every log in
+//! it is in the bucket, even across a MinIO outage; a volume that did not opt in is never
+//! touched.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::api::Api;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, ResourceExt};
+use localship_tests::agents::http_get;
+use localship_tests::process::free_port;
+use localship_tests::servers::localship_bin;
+use localship_tests::{
+    apply_yaml, control_plane, scratch_dir, wait_for, ControlPlane, Minio, Process,
+    ProvisionerAgent,
+};
+
+use crate::common::*;
+
+const SHIP_LOGS: &str = "localship.io/ship-logs";
+const OPT_IN: &str = "localship.io/ship-to";
+const DEST: &str = "s3://airflow/logs";
+const RUN: &str = "dag_id=etl/run_id=manual__2024-01-01T00:00:00+00:00";
+
+/// One `localship-logshipper` in Kubernetes mode for `node`, shipping to `minio`.
+struct Shipper {
+    name: String,
+    dir: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    port: u16,
+    process: Option<Process>,
+}
+
+impl Shipper {
+    async fn start(cp: &ControlPlane, node: &str, minio: &Minio) -> Result<Self> {
+        let dir = scratch_dir(&format!("shipper-{node}"))?;
+        let port = free_port();
+        let args = vec![
+            format!("--node-name={node}"),
+            format!("--dest={DEST}"),
+            format!("--s3-endpoint={}", minio.endpoint()),
+            "--s3-path-style".into(),
+            "--settle=1s".into(),
+            format!("--ledger={}", dir.join("ledger.redb").display()),
+            format!("--metrics-addr=127.0.0.1:{port}"),
+        ];
+        let mut envs = minio.aws_env();
+        envs.push((
+            "KUBECONFIG".into(),
+            cp.admin_kubeconfig().display().to_string(),
+        ));
+        envs.push(("RUST_LOG".into(), "info".into()));
+        let mut shipper = Self {
+            name: format!("shipper-{node}"),
+            dir,
+            args,
+            envs,
+            port,
+            process: None,
+        };
+        shipper.restart().await?;
+        Ok(shipper)
+    }
+
+    /// Starts the shipper (again, with the same ledger) and waits for /readyz.
+    async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let bin = localship_bin("localship-logshipper")?;
+        let process = Process::spawn(&self.name, &bin, &self.args, &self.envs, &self.dir)?;
+        self.process = Some(process);
+        let port = self.port;
+        wait_for(
+            "the shipper to be ready",
+            Duration::from_secs(30),
+            || async move {
+                Ok(http_get(port, "/readyz")
+                    .ok()
+                    .filter(|(code, _)| *code == 200)
+                    .map(|_| ()))
+            },
+        )
+        .await
+        .with_context(|| format!("shipper log tail:\n{}", self.log_tail()))
+    }
+
+    /// kill -9.
+    fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    fn metrics(&self) -> Result<String> {
+        Ok(http_get(self.port, "/metrics")?.1)
+    }
+
+    /// Waits until /metrics shows `line`.
+    async fn wait_metric(&self, line: &str) -> Result<()> {
+        wait_for(line, Duration::from_secs(30), || async {
+            Ok(self.metrics()?.contains(line).then_some(()))
+        })
+        .await
+    }
+
+    fn log_tail(&self) -> String {
+        localship_tests::process::log_tail(&self.dir.join(format!("{}.log", self.name)), 30)
+    }
+}
+
+/// A claim with `annotations` (a YAML flow mapping) and a pod on `node` that uses it.
+async fn claim_with_pod_annotated(
+    client: &Client,
+    ns: &str,
+    claim: &str,
+    class: &str,
+    node: &str,
+    annotations: &str,
+) -> Result<()> {
+    let pod = pod_name(claim);
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{ name: {claim}, annotations: {annotations} }}
+spec:
+  storageClassName: {class}
+  accessModes: [ReadWriteOnce]
+  resources: {{ requests: {{ storage: 1Gi }} }}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{ name: {pod} }}
+spec:
+  nodeSelector: {{ kubernetes.io/hostname: {node} }}
+  containers: [{{ name: main, image: busybox }}]
+  volumes: [{{ name: logs, persistentVolumeClaim: {{ claimName: {claim} }} }}]
+"#
+    );
+    apply_yaml(client, Some(ns), &yaml, false).await?;
+    Ok(())
+}
+
+/// Names of the PVs on `node` that carried the shipper's finalizer at any time from now on.
+fn ever_held(client: &Client, node: &str) -> Arc<Mutex<HashSet<String>>> {
+    let held = Arc::new(Mutex::new(HashSet::new()));
+    let seen = held.clone();
+    let config = watcher::Config::default().labels(&format!("localship.io/node={node}"));
+    let pvs = Api::<PersistentVolume>::all(client.clone());
+    tokio::spawn(async move {
+        let mut stream = watcher(pvs, config).applied_objects().boxed();
+        while let Some(pv) = stream.next().await {
+            if let Ok(pv) = pv {
+                if pv.finalizers().iter().any(|f| f == SHIP_LOGS) {
+                    seen.lock().unwrap().insert(pv.name_any());
+                }
+            }
+        }
+    });
+    held
+}
+
+fn write(root: &Path, relative: &str, bytes: &[u8]) -> Result<()> {
+    let path = root.join(relative);
+    std::fs::create_dir_all(path.parent().context("a parent")?)?;
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+async fn object(minio: &Minio, relative: &str) -> Result<Option<Vec<u8>>> {
+    minio
+        .get_object("airflow", &format!("logs/{relative}"))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_volume_keeps_its_directory_until_its_logs_are_shipped() -> Result<()> {
+    let cp = control_plane()?;
+    let client = cp.client().await?;
+    let ns = cp.namespace("ship-volumes").await?;
+    let mut minio = Minio::start().await?;
+    minio.create_bucket("airflow").await?;
+    let _agent = ProvisionerAgent::start(cp, "node-a", &provisioner_name(&ns), &[]).await?;
+    let mut shipper = Shipper::start(cp, "node-a", &minio).await?;
+    let held = ever_held(&client, "node-a");
+    let class = format!("{ns}-logs");
+    storage_class(&client, &class, &provisioner_name(&ns), "Delete", "").await?;
+    let opted = format!("{{ {OPT_IN}: \"{DEST}\" }}");
+    claim_with_pod_annotated(&client, &ns, "logs", &class, "node-a", &opted).await?;
+    claim_with_pod_annotated(&client, &ns, "scratch", &class, "node-a", "{}").await?;
+    let logs_pv = wait_bound(&client, &ns, "logs").await?;
+    let scratch_pv = wait_bound(&client, &ns, "scratch").await?;
+    let pvs = Api::<PersistentVolume>::all(client.clone());
+    wait_for("the shipper's finalizer", BIND_TIMEOUT, || async {
+        let pv = pvs.get(&logs_pv.name_any()).await?;
+        Ok(pv.finalizers().iter().any(|f| f == SHIP_LOGS).then_some(()))
+    })
+    .await?;
+    shipper
+        .wait_metric("localship_logshipper_volumes_watched 1")
+        .await?;
+
+    // A finished log ships while the volume is in use.
+    let dir = PathBuf::from(host_path(&logs_pv));
+    let first = format!("{RUN}/task_id=extract/attempt=1.log");
+    write(&dir, &first, b"[2024-01-01] extract: failed\n")?;
+    wait_for("the first log in MinIO", BIND_TIMEOUT, || async {
+        Ok(object(&minio, &first).await?.map(|_| ()))
+    })
+    .await?;
+
+    // MinIO goes away; more logs are written, one grows, and a link must never be shipped.
+    minio.stop();
+    let mut logs = vec![
+        (
+            first.clone(),
+            b"[2024-01-01] extract: failed\nretrying\n".to_vec(),
+        ),
+        (
+            format!("{RUN}/task_id=extract/attempt=2.log"),
+            b"[2024-01-01] extract: ok\n".to_vec(),
+        ),
+        (
+            format!("{RUN}/task_id=wait/attempt=1.log.trigger.17.log"),
+            b"trigger fired\n".to_vec(),
+        ),
+        (
+            format!("{RUN}/task_id=load/attempt=1.log"),
+            (0..20_000)
+                .flat_map(|i| format!("line {i}\n").into_bytes())
+                .collect(),
+        ),
+    ];
+    for index in 0..3 {
+        logs.push((
+            format!("{RUN}/task_id=fan_out/map_index={index}/attempt=1.log"),
+            format!("mapped {index}\n").into_bytes(),
+        ));
+    }
+    for (relative, bytes) in &logs {
+        write(&dir, relative, bytes)?;
+    }
+    let link = format!("{RUN}/task_id=extract/attempt=3.log");
+    std::os::unix::fs::symlink("/etc/hostname", dir.join(&link))?;
+
+    delete_claim_and_pod(&client, &ns, "logs").await?;
+    delete_claim_and_pod(&client, &ns, "scratch").await?;
+    // The volume that did not opt in goes at once, MinIO or not.
+    wait_pv_gone(&client, &scratch_pv.name_any()).await?;
+    wait_for("the opted-in PV to be deleted", BIND_TIMEOUT, || async {
+        let pv = pvs.get(&logs_pv.name_any()).await?;
+        Ok(pv.metadata.deletion_timestamp.map(|_| ()))
+    })
+    .await?;
+    // Held for a few seconds, and until the shipper itself gave up on MinIO for now (the
+    // S3 client's own retries hide a short outage).
+    let started = Instant::now();
+    loop {
+        let pv = pvs.get_opt(&logs_pv.name_any()).await?;
+        ensure!(pv.is_some(), "the PV went while MinIO was down");
+        ensure!(dir.is_dir(), "the directory went while MinIO was down");
+        let metrics = shipper.metrics()?;
+        ensure!(
+            metrics.contains("localship_logshipper_volumes_draining 1"),
+            "{metrics}"
+        );
+        let noticed = metrics.contains("localship_logshipper_destination_up 0");
+        if noticed && started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < BIND_TIMEOUT,
+            "the shipper never found MinIO down:\n{}",
+            shipper.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The shipper dies mid-drain; MinIO is back, but nobody releases the volume.
+    shipper.kill();
+    minio.resume().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(pvs.get_opt(&logs_pv.name_any()).await?.is_some() && dir.is_dir());
+    // Restarted, it finds the deleted PV by its finalizer and drains it.
+    shipper.restart().await?;
+    wait_pv_gone(&client, &logs_pv.name_any())
+        .await
+        .with_context(|| format!("shipper log tail:\n{}", shipper.log_tail()))?;
+    for (relative, bytes) in &logs {
+        let shipped = object(&minio, relative).await?;
+        assert_eq!(shipped.as_ref(), Some(bytes), "logs/{relative}");
+    }
+    assert_eq!(
+        object(&minio, &link).await?,
+        None,
+        "the symlink was shipped"
+    );
+    wait_for("the directory to be removed", BIND_TIMEOUT, || async {
+        Ok((!dir.exists()).then_some(()))
+    })
+    .await?;
+    let held = held.lock().unwrap().clone();
+    assert!(held.contains(&logs_pv.name_any()), "{held:?}");
+    assert!(
+        !held.contains(&scratch_pv.name_any()),
+        "the volume that did not opt in got the finalizer"
+    );
+    shipper
+        .process
+        .as_mut()
+        .context("running")?
+        .check_running()?;
+    shipper
+        .wait_metric("localship_logshipper_volumes_draining 0")
+        .await?;
+    shipper
+        .wait_metric("localship_logshipper_volumes_watched 0")
+        .await?;
+    Ok(())
+}
