@@ -17,7 +17,13 @@ use serde_json::json;
 use crate::common::*;
 
 fn kustomize() -> Result<String> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    kustomize_dir("deploy")
+}
+
+fn kustomize_dir(dir: &str) -> Result<String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(dir);
     let out = control_plane()?.kubectl(&["kustomize", root.to_str().unwrap()])?;
     anyhow::ensure!(
         out.status.success(),
@@ -63,6 +69,20 @@ async fn deploy_applies_and_its_rbac_is_enough_for_the_agents() -> Result<()> {
             "deploy/ lacks a {kind}: {kinds:?}"
         );
     }
+    // The overlay with the log shipper is valid too, and adds its container.
+    let shipping = kustomize_dir("deploy/overlays/s3-shipping")?;
+    let objects = apply_yaml(&client, None, &shipping, true).await?;
+    let daemonset = objects
+        .iter()
+        .find(|o| o.types.as_ref().is_some_and(|t| t.kind == "DaemonSet"))
+        .context("no DaemonSet in the s3-shipping overlay")?;
+    let containers: Vec<&str> = daemonset.data["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .context("no containers")?
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(containers, ["logshipper", "provisioner"]);
     // Dry-run stored nothing.
     let classes = Api::<StorageClass>::all(client.clone());
     assert!(classes.get_opt("local-path").await?.is_none());
