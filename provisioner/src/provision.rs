@@ -80,15 +80,8 @@ async fn provision(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Outco
         }
     };
 
-    let class_name = claim
-        .spec
-        .as_ref()
-        .and_then(|s| s.storage_class_name.clone())
-        .unwrap_or_default();
-    let Some(class) = ctx
-        .classes
-        .get(&ObjectRef::<StorageClass>::new(&class_name))
-    else {
+    let (class_name, class) = class_of(claim, ctx);
+    let Some(class) = class else {
         fail(format!(
             "StorageClass `{class_name}` not found; create it or fix spec.storageClassName"
         ))
@@ -272,15 +265,8 @@ async fn unselect_node(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<(
 /// claim, whatever the number of agents: its name is derived from the claim,
 /// so every agent but the first gets AlreadyExists.
 async fn warn_if_immediate(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<()> {
-    let class_name = claim
-        .spec
-        .as_ref()
-        .and_then(|s| s.storage_class_name.clone())
-        .unwrap_or_default();
-    let Some(class) = ctx
-        .classes
-        .get(&ObjectRef::<StorageClass>::new(&class_name))
-    else {
+    let (class_name, class) = class_of(claim, ctx);
+    let Some(class) = class else {
         return Ok(());
     };
     if class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
@@ -316,6 +302,17 @@ async fn warn_if_immediate(claim: &PersistentVolumeClaim, ctx: &Context) -> Resu
         Err(e) => tracing::warn!(error = %e, "could not publish the WaitForFirstConsumer Event"),
     }
     Ok(())
+}
+
+/// The claim's class name and, if it exists, the class from the cache.
+fn class_of(claim: &PersistentVolumeClaim, ctx: &Context) -> (String, Option<Arc<StorageClass>>) {
+    let name = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
+    let class = ctx.classes.get(&ObjectRef::<StorageClass>::new(&name));
+    (name, class)
 }
 
 fn claim_id(claim: &PersistentVolumeClaim) -> String {
