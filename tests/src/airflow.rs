@@ -38,25 +38,10 @@ pub fn airflow_python() -> Result<PathBuf> {
 }
 
 fn install() -> Result<PathBuf> {
-    let script = airflow_dir().join("setup.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .with_context(|| format!("run {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "installing Airflow for the tests failed ({}); rerun `bash {}` to see why:\n{}",
-            out.status,
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let stdout = String::from_utf8(out.stdout)?;
-    let python = stdout
-        .lines()
-        .last()
-        .context("setup.sh printed no python path")?;
-    Ok(PathBuf::from(python.trim()))
+    crate::servers::run_setup_script(
+        &airflow_dir().join("setup.sh"),
+        "installing Airflow for the tests",
+    )
 }
 
 /// Reads each of `relative_paths` (relative to `remote_base`, an

@@ -1,7 +1,7 @@
 //! Locates (building once, if needed) the real server binaries and this
 //! workspace's own release binaries.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -29,24 +29,33 @@ fn locate_servers() -> Result<PathBuf> {
     if let Ok(dir) = std::env::var("LOCALSHIP_SERVERS_BIN") {
         return Ok(PathBuf::from(dir));
     }
-    let script = workspace_root().join("tests/servers/build.sh");
+    run_setup_script(
+        &workspace_root().join("tests/servers/build.sh"),
+        "building the test servers",
+    )
+}
+
+/// Runs one of the harness's idempotent setup scripts and returns the path it
+/// prints on its last stdout line; a failure carries the script's stderr.
+pub(crate) fn run_setup_script(script: &Path, what: &str) -> Result<PathBuf> {
     let out = Command::new("bash")
-        .arg(&script)
+        .arg(script)
         .output()
         .with_context(|| format!("run {}", script.display()))?;
     if !out.status.success() {
         bail!(
-            "building the test servers failed ({}):\n{}",
+            "{what} failed ({}); rerun `bash {}` to see why:\n{}",
             out.status,
+            script.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
     let stdout = String::from_utf8(out.stdout)?;
-    let dir = stdout
+    let line = stdout
         .lines()
         .last()
-        .context("build.sh printed no bin dir")?;
-    Ok(PathBuf::from(dir.trim()))
+        .with_context(|| format!("{} printed no path", script.display()))?;
+    Ok(PathBuf::from(line.trim()))
 }
 
 /// Path of a real server binary such as `kube-apiserver` or `minio`.
