@@ -110,6 +110,12 @@ pub struct Args {
     #[arg(long, env = "LOCALSHIP_S3_PATH_STYLE")]
     pub s3_path_style: bool,
 
+    /// Write new objects without `If-None-Match: *`, asking with a HEAD first instead (two
+    /// requests per new log instead of one). Only for an S3-compatible store that ignores
+    /// conditional writes; AWS S3 and MinIO honour them.
+    #[arg(long, env = "LOCALSHIP_S3_NO_CONDITIONAL_WRITES")]
+    pub s3_no_conditional_writes: bool,
+
     /// Create the bucket if it does not exist, instead of waiting for someone to.
     #[arg(long, env = "LOCALSHIP_CREATE_BUCKET")]
     pub create_bucket: bool,

@@ -138,6 +138,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>) -> Result<Summary> {
                 multipart_threshold: args.multipart_threshold,
                 part_size: args.part_size,
                 concurrency: args.upload_concurrency,
+                conditional_writes: !args.s3_no_conditional_writes,
             };
             run_with(args, S3Destination::connect(settings).await, stop).await
         }

@@ -6,6 +6,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
+use bytes::Bytes;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::fstatat;
@@ -114,6 +115,16 @@ pub fn sha256_prefix(file: &File, len: u64) -> io::Result<String> {
         Ok(())
     })?;
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// SHA-256 (hex) of the first `len` bytes, and those bytes too when `len` is below `limit`
+/// (one read serves both hashing and writing).
+pub fn hash_or_load(file: &File, len: u64, limit: u64) -> io::Result<(String, Option<Bytes>)> {
+    if len >= limit {
+        return Ok((sha256_prefix(file, len)?, None));
+    }
+    let data = read_at(file, 0, len as usize)?;
+    Ok((hex::encode(Sha256::digest(&data)), Some(Bytes::from(data))))
 }
 
 /// Feeds the first `len` bytes of `file` to `sink` in chunks, reading by offset so several

@@ -9,7 +9,7 @@ use crate::destination::{Destination, DestinationError, LocalContent, ObjectInfo
 use crate::discover::{SkipReason, Source};
 use crate::key::object_key;
 use crate::ledger::{now_ms, Ledger, Record, Recorder};
-use crate::local_file::{open_beneath, sha256_prefix, FileStat, OpenError};
+use crate::local_file::{hash_or_load, open_beneath, sha256_prefix, FileStat, OpenError};
 use crate::{Error, Result};
 
 /// What shipping needs, shared by all shipments.
@@ -81,11 +81,12 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         return Ok(Outcome::Changed(stat));
     }
     let file = Arc::new(file);
+    let limit = ctx.destination.in_memory_limit();
     let hashed = {
         let file = file.clone();
-        blocking(move || sha256_prefix(&file, stat.size)).await
+        blocking(move || hash_or_load(&file, stat.size, limit)).await
     };
-    let sha256 = match hashed {
+    let (sha256, data) = match hashed {
         Ok(sha) => sha,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             return Ok(Outcome::Changed(current_stat(&file).unwrap_or(stat)));
@@ -97,12 +98,17 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         path,
         size: stat.size,
         sha256,
+        data,
     };
     let dest = &ctx.destination;
-    let previous = ctx.ledger.get(&job.source.id, &job.relative)?;
-    if let Some(previous) = previous.filter(|r| {
-        r.destination == dest.id() && r.sha256 == content.sha256 && r.stat.size == stat.size
-    }) {
+    let previous = ctx
+        .ledger
+        .get(&job.source.id, &job.relative)?
+        .filter(|r| r.destination == dest.id());
+    if let Some(previous) = previous
+        .clone()
+        .filter(|r| r.sha256 == content.sha256 && r.stat.size == stat.size)
+    {
         let record = Record {
             stat,
             shipped_at_ms: now_ms(),
@@ -120,6 +126,14 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
     }
 
     let key = object_key(dest.prefix(), &job.relative);
+    // A log never shipped before most likely has no object yet: try to create it in one
+    // request, and fall back to comparing only if something is there.
+    if previous.is_none() {
+        if let Some(put) = dest.create(&key, &content).await? {
+            let info = verified(dest, &key, &content, put).await?;
+            return record(ctx, job, &content, stat, key, How::Uploaded, info).await;
+        }
+    }
     let object = dest.head(&key).await?;
     let relation = relate(dest, &key, &content, object.as_ref()).await?;
     let (key, how, info) = match coexist::plan(relation, &key, &content.sha256) {
@@ -157,10 +171,23 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
             (key, How::Conflict, info)
         }
     };
+    record(ctx, job, &content, stat, key, how, info).await
+}
+
+/// Commits the shipment to the ledger; it counts as shipped once this returns.
+async fn record<D: Destination>(
+    ctx: &Context<D>,
+    job: &Job,
+    content: &LocalContent,
+    stat: FileStat,
+    key: String,
+    how: How,
+    info: ObjectInfo,
+) -> Result<Outcome> {
     let record = Record {
         stat,
         sha256: content.sha256.clone(),
-        destination: dest.id().to_owned(),
+        destination: ctx.destination.id().to_owned(),
         key: key.clone(),
         etag: info.etag,
         version_id: info.version_id,
@@ -219,6 +246,17 @@ async fn upload_verified<D: Destination>(
     content: &LocalContent,
 ) -> Result<ObjectInfo> {
     let put = dest.put(key, content).await?;
+    verified(dest, key, content, put).await
+}
+
+/// Checks what a write stored, reading back size and SHA-256 unless the destination
+/// confirmed them already.
+async fn verified<D: Destination>(
+    dest: &D,
+    key: &str,
+    content: &LocalContent,
+    put: ObjectInfo,
+) -> Result<ObjectInfo> {
     if put.confirmed && put.size == content.size && put.sha256.as_ref() == Some(&content.sha256) {
         return Ok(put);
     }

@@ -124,13 +124,19 @@ fn write_atomically(target: &Path, content: &LocalContent) -> io::Result<Option<
         .prefix(&format!(".{}.", name.to_string_lossy()))
         .suffix(".localship-tmp")
         .tempfile_in(dir)?;
-    let mut hasher = Sha256::new();
-    copy_prefix(&content.file, content.size, |chunk| {
-        hasher.update(chunk);
-        tmp.write_all(chunk)
-    })?;
-    if hex::encode(hasher.finalize()) != content.sha256 {
-        return Ok(None);
+    match &content.data {
+        // These are the bytes that were hashed.
+        Some(data) => tmp.write_all(data)?,
+        None => {
+            let mut hasher = Sha256::new();
+            copy_prefix(&content.file, content.size, |chunk| {
+                hasher.update(chunk);
+                tmp.write_all(chunk)
+            })?;
+            if hex::encode(hasher.finalize()) != content.sha256 {
+                return Ok(None);
+            }
+        }
     }
     tmp.as_file()
         .set_permissions(Permissions::from_mode(OBJECT_MODE))?;
@@ -172,6 +178,7 @@ mod tests {
             path,
             size: bytes.len() as u64,
             sha256: hex::encode(Sha256::digest(bytes)),
+            data: None,
         }
     }
 

@@ -8,6 +8,8 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::key::normalize_prefix;
 
 /// Metadata key holding the SHA-256 (hex) of an object we wrote, so `head` can compare
@@ -35,6 +37,9 @@ pub struct LocalContent {
     pub path: PathBuf,
     pub size: u64,
     pub sha256: String,
+    /// The same bytes, when the file was small enough to be read into memory once; they are
+    /// the bytes `sha256` was computed from, so writing them needs no second read or hash.
+    pub data: Option<Bytes>,
 }
 
 /// An object store. Objects appear whole under their key or not at all.
@@ -65,6 +70,27 @@ pub trait Destination: Send + Sync + 'static {
         key: &str,
         content: &LocalContent,
     ) -> impl Future<Output = Result<ObjectInfo, DestinationError>> + Send;
+
+    /// Writes the content only if nothing is stored under `key`; `None` when something is,
+    /// and then nothing was written. Stores with conditional writes do this in one request;
+    /// the default asks first.
+    fn create(
+        &self,
+        key: &str,
+        content: &LocalContent,
+    ) -> impl Future<Output = Result<Option<ObjectInfo>, DestinationError>> + Send {
+        async move {
+            if self.head(key).await?.is_some() {
+                return Ok(None);
+            }
+            self.put(key, content).await.map(Some)
+        }
+    }
+
+    /// Files smaller than this are read into memory once, hashed and written from there.
+    fn in_memory_limit(&self) -> u64 {
+        0
+    }
 }
 
 /// Why shipping to the destination failed.

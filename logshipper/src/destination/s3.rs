@@ -18,10 +18,12 @@ use aws_config::profile::ProfileFileRegionProvider;
 use aws_config::retry::RetryConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::Region;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use aws_sdk_s3::Client;
 use base64::Engine;
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
@@ -50,6 +52,10 @@ pub struct S3Settings {
     pub part_size: u64,
     /// Requests carrying data at once, over all files; bounds memory to this many parts.
     pub concurrency: usize,
+    /// Create objects with `If-None-Match: *`, so a new log costs one request instead of a
+    /// HEAD and a PUT. AWS S3 and MinIO honour it; turn it off for a store that ignores it,
+    /// or an object written meanwhile by someone else could be overwritten.
+    pub conditional_writes: bool,
 }
 
 pub struct S3Destination {
@@ -129,23 +135,34 @@ impl S3Destination {
         }
     }
 
+    /// One PUT of the whole file; with `if_absent`, `None` when the key already holds an
+    /// object (and nothing was written).
     async fn put_single(
         &self,
         key: &str,
         content: &LocalContent,
-    ) -> Result<ObjectInfo, DestinationError> {
+        if_absent: bool,
+    ) -> Result<Option<ObjectInfo>, DestinationError> {
         let _permit = self.requests.acquire().await.expect("never closed");
-        let file = content.file.clone();
-        let size = content.size as usize;
-        let data = blocking_read(content, move || read_at(&file, 0, size)).await?;
-        let sha = Sha256::digest(&data);
-        if hex::encode(sha) != content.sha256 {
-            return Err(DestinationError::FileChanged {
-                path: content.path.clone(),
-            });
-        }
-        let checksum = base64(&sha);
-        let out = self
+        let (data, checksum) = match &content.data {
+            Some(data) => (
+                data.clone(),
+                base64(&hex::decode(&content.sha256).unwrap_or_default()),
+            ),
+            None => {
+                let file = content.file.clone();
+                let size = content.size as usize;
+                let data = blocking_read(content, move || read_at(&file, 0, size)).await?;
+                let sha = Sha256::digest(&data);
+                if hex::encode(sha) != content.sha256 {
+                    return Err(DestinationError::FileChanged {
+                        path: content.path.clone(),
+                    });
+                }
+                (Bytes::from(data), base64(&sha))
+            }
+        };
+        let mut request = self
             .client
             .put_object()
             .bucket(self.bucket())
@@ -153,18 +170,26 @@ impl S3Destination {
             .content_length(content.size as i64)
             .checksum_sha256(&checksum)
             .metadata(SHA256_METADATA, &content.sha256)
-            .body(ByteStream::from(data))
-            .send()
-            .await
-            .map_err(|e| self.classify("PutObject", key, e))?;
-        Ok(ObjectInfo {
+            .body(ByteStream::from(data));
+        if if_absent {
+            request = request.if_none_match("*");
+        }
+        // The server checks the body against x-amz-checksum-sha256, so signing the payload
+        // too would only hash every byte once more.
+        let sent = request.customize().disable_payload_signing().send().await;
+        let out = match sent {
+            Ok(out) => out,
+            Err(e) if if_absent && precondition_failed(&e) => return Ok(None),
+            Err(e) => return Err(self.classify("PutObject", key, e)),
+        };
+        Ok(Some(ObjectInfo {
             size: content.size,
             sha256: Some(content.sha256.clone()),
             etag: out.e_tag().map(str::to_owned),
             version_id: out.version_id().map(str::to_owned),
             // The server answers with the checksum it verified the body against.
             confirmed: out.checksum_sha256() == Some(checksum.as_str()),
-        })
+        }))
     }
 }
 
@@ -254,12 +279,46 @@ impl Destination for S3Destination {
 
     async fn put(&self, key: &str, content: &LocalContent) -> Result<ObjectInfo, DestinationError> {
         if content.size < self.settings.multipart_threshold {
-            self.put_single(key, content).await
+            let written = self.put_single(key, content, false).await?;
+            Ok(written.expect("an unconditional PUT writes"))
         } else {
             self.put_multipart(key, content).await
         }
     }
+
+    async fn create(
+        &self,
+        key: &str,
+        content: &LocalContent,
+    ) -> Result<Option<ObjectInfo>, DestinationError> {
+        if self.settings.conditional_writes && content.size < self.settings.multipart_threshold {
+            return self.put_single(key, content, true).await;
+        }
+        // A large file costs one HEAD more, which is nothing beside its parts.
+        if self.head(key).await?.is_some() {
+            return Ok(None);
+        }
+        self.put(key, content).await.map(Some)
+    }
+
+    fn in_memory_limit(&self) -> u64 {
+        self.settings.multipart_threshold
+    }
 }
+
+/// The key already held an object (`If-None-Match: *`), or a concurrent conditional write
+/// to it was in progress.
+fn precondition_failed<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+    let SdkError::ServiceError(e) = err else {
+        return false;
+    };
+    match e.raw().status().as_u16() {
+        412 => true,
+        409 => e.err().code() == Some("ConditionalRequestConflict"),
+        _ => false,
+    }
+}
+
 fn base64(digest: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(digest)
 }
@@ -303,6 +362,7 @@ mod tests {
             multipart_threshold: 16 * MIB,
             part_size: 8 * MIB,
             concurrency: 2,
+            conditional_writes: true,
         })
         .await;
         assert_eq!(dest.id(), "s3://airflow/logs");
