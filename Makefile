@@ -1,7 +1,7 @@
 # What people run. `make test` is what CI runs (after `make lint`).
 CARGO ?= cargo
 
-.PHONY: test servers build lint e2e bench fmt
+.PHONY: test servers build lint e2e faults bench fmt
 
 ## Build the real test servers (cached), the release binaries, then run every test.
 test: servers build
@@ -20,6 +20,10 @@ build:
 ## Only the end-to-end tests against the real servers.
 e2e: servers build
 	$(CARGO) test --release --locked -p localship-tests
+
+## Only the fault suite: kills, an apiserver restart, hostile inputs (minutes).
+faults: servers build
+	$(CARGO) test --release --locked -p localship-tests --test faults
 
 lint:
 	$(CARGO) fmt --all --check

@@ -284,6 +284,24 @@ mod tests {
     }
 
     #[test]
+    fn refuses_a_symlink_planted_at_the_volume_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o700)).unwrap();
+        symlink(&outside, base.join("vol")).unwrap();
+        let err = create_volume_dir(&base, Path::new("vol"), 0o777).unwrap_err();
+        assert!(matches!(err, DiskError::NotADirectory { .. }), "{err}");
+        assert!(err.to_string().contains("symlink"), "{err}");
+        // Neither reused nor chmod-ed through the link.
+        assert!(!volume_dir_exists(&base, Path::new("vol")));
+        let mode = std::fs::metadata(&outside).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
     fn removal_unlinks_symlinks_without_following_them() {
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path().join("base");

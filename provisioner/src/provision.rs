@@ -192,14 +192,18 @@ async fn provision(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Outco
     )
     .await;
     let (b, r, mode) = (base.clone(), rel.clone(), ctx.dir_mode);
-    let host_path: PathBuf =
-        tokio::task::spawn_blocking(move || disk::create_volume_dir(&b, &r, mode))
-            .await
-            .expect("create_volume_dir does not panic")
-            .inspect_err(|e| {
-                let note = format!("cannot create the volume directory: {e}");
-                tracing::error!(claim = %claim_id(claim), "{note}");
-            })?;
+    let made = tokio::task::spawn_blocking(move || disk::create_volume_dir(&b, &r, mode))
+        .await
+        .expect("create_volume_dir does not panic");
+    let host_path: PathBuf = match made {
+        Ok(path) => path,
+        Err(e) => {
+            // Said on the claim too: a symlink planted at the volume path or
+            // a read-only disk is for the claim's owner to see, not only the log.
+            fail(format!("cannot create the volume directory: {e}; retrying")).await;
+            return Err(e.into());
+        }
+    };
     let plan = Plan {
         node: ctx.node.clone(),
         provisioner: claim::requested_provisioner(claim)

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
+use localship_tests::claims::create_claim_with_pod;
 use localship_tests::{apply_yaml, control_plane, ProvisionerAgent, NODES};
 use serde_json::json;
 
@@ -106,26 +107,14 @@ async fn burst(
     n: usize,
 ) -> Result<Vec<Duration>> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let mut bound = watcher(claims.clone(), watcher::Config::default())
         .applied_objects()
         .boxed();
     let mut created: HashMap<String, Instant> = HashMap::new();
     for i in 0..n {
         let name = format!("{prefix}-{i}");
-        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
-            "metadata": { "name": name },
-            "spec": { "storageClassName": class, "accessModes": ["ReadWriteOnce"],
-                      "resources": { "requests": { "storage": "1Gi" } } }
-        }))?;
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": { "name": name },
-            "spec": { "containers": [{ "name": "main", "image": "busybox" }],
-                      "volumes": [{ "name": "data", "persistentVolumeClaim": { "claimName": name } }] }
-        }))?;
         created.insert(name.clone(), Instant::now());
-        claims.create(&PostParams::default(), &claim).await?;
-        pods.create(&PostParams::default(), &pod).await?;
+        create_claim_with_pod(client, ns, &name, class, "1Gi", None, json!({})).await?;
     }
     let mut latencies = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(300);

@@ -83,6 +83,14 @@ impl ProvisionerAgent {
         self.process.as_ref().map(Process::pid)
     }
 
+    /// Fails with the log tail if the agent has exited or is not started.
+    pub fn check_running(&mut self) -> Result<()> {
+        match self.process.as_mut() {
+            Some(p) => p.check_running(),
+            None => anyhow::bail!("provisioner on {} is not running", self.node),
+        }
+    }
+
     /// kill -9.
     pub fn kill(&mut self) {
         if let Some(mut p) = self.process.take() {

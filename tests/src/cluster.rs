@@ -38,6 +38,7 @@ pub struct ControlPlane {
     server: String,
     admin_kubeconfig: PathBuf,
     pki: Pki,
+    apiserver_args: Vec<String>,
     processes: Mutex<Vec<Process>>,
 }
 
@@ -101,13 +102,7 @@ impl ControlPlane {
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
         ];
-        processes.push(Process::spawn(
-            "kube-apiserver",
-            &server_bin("kube-apiserver")?,
-            &apiserver_args,
-            &[],
-            &dir,
-        )?);
+        processes.push(spawn_apiserver(&apiserver_args, &dir)?);
 
         let admin_kubeconfig = dir.join("admin.kubeconfig");
         let admin = pki.client("localship-admin", Some("system:masters"))?;
@@ -123,6 +118,7 @@ impl ControlPlane {
             server,
             admin_kubeconfig,
             pki,
+            apiserver_args,
             processes: Mutex::new(processes),
         };
         plane.wait_apiserver_ready().await?;
@@ -246,6 +242,34 @@ impl ControlPlane {
         self.dir.join(format!("{server}.log"))
     }
 
+    /// Stops the kube-apiserver (SIGTERM, as a restart would; SIGKILL after
+    /// 10 s). etcd, the controllers and every client stay up and retry.
+    ///
+    /// The control plane is shared by every test of a binary, so only a
+    /// binary that runs one test at a time (the fault suite) may call this;
+    /// the e2e tests run in parallel and must not.
+    pub fn stop_apiserver(&self) {
+        let mut processes = self.processes.lock().unwrap();
+        if let Some(i) = processes.iter().position(|p| p.name() == "kube-apiserver") {
+            let mut apiserver = processes.remove(i);
+            apiserver.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Starts the kube-apiserver again on the same port, with the same etcd,
+    /// certificates and flags, and waits for /readyz. See
+    /// [`stop_apiserver`](Self::stop_apiserver) for who may call it.
+    pub async fn start_apiserver(&self) -> Result<()> {
+        {
+            let mut processes = self.processes.lock().unwrap();
+            if processes.iter().any(|p| p.name() == "kube-apiserver") {
+                bail!("kube-apiserver is already running");
+            }
+            processes.push(spawn_apiserver(&self.apiserver_args, &self.dir)?);
+        }
+        self.wait_apiserver_ready().await
+    }
+
     async fn wait_apiserver_ready(&self) -> Result<()> {
         let result = wait_for("kube-apiserver /readyz", START_TIMEOUT, || async {
             self.check_health()?;
@@ -337,6 +361,16 @@ impl ControlPlane {
         let tail = crate::process::log_tail(&self.log_path(server), 30);
         anyhow!("{e:#}\nlast lines of {server}.log:\n{tail}")
     }
+}
+
+fn spawn_apiserver(args: &[String], dir: &Path) -> Result<Process> {
+    Process::spawn(
+        "kube-apiserver",
+        &server_bin("kube-apiserver")?,
+        args,
+        &[],
+        dir,
+    )
 }
 
 fn start_etcd(dir: &Path, processes: &mut Vec<Process>) -> Result<String> {

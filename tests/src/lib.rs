@@ -7,6 +7,7 @@ pub mod agents;
 pub mod airflow;
 pub mod apply;
 pub mod certs;
+pub mod claims;
 pub mod cluster;
 pub mod kubeconfig;
 pub mod minio;

@@ -1,0 +1,26 @@
+//! Faults against the provisioner on the real control plane: agents killed
+//! mid-burst, the apiserver restarted mid-burst, and a table of hostile
+//! inputs. Each scenario works in namespaces and under a provisioner name of
+//! its own.
+
+mod audit;
+mod burst;
+mod hostile;
+mod jitter;
+mod outage;
+
+use crate::report::Scenario;
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario::new(
+            "provisioner kill -9 during a 200-claim burst (20 rounds)",
+            burst::kill_9_during_burst,
+        ),
+        Scenario::new(
+            "apiserver restart mid-burst",
+            outage::apiserver_restart_mid_burst,
+        ),
+        Scenario::new("hostile inputs (provisioner)", hostile::hostile_inputs),
+    ]
+}

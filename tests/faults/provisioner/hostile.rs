@@ -1,0 +1,600 @@
+//! Hostile inputs, one table row each with the outcome it must have. After
+//! every row the agents must still be running and serving, nothing outside
+//! the base paths may have changed (a canary tree is compared entry by entry),
+//! and no path a row tried to reach may exist.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+use localship_tests::claims::{
+    claim_events, create_claim, create_claim_with_pod, create_pod, delete_claim_and_pod, host_path,
+    phase, provisioner_name, storage_class, wait_bound, wait_pv_gone,
+};
+use localship_tests::{control_plane, scratch_dir, wait_for, ProvisionerAgent};
+use serde_json::json;
+
+use crate::report::Tally;
+
+const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub async fn hostile_inputs() -> Result<Tally> {
+    let mut fx = Fixture::start().await?;
+
+    let r = long_names(&fx).await;
+    fx.settle(
+        "253-char claim in a 63-char namespace",
+        "binds, one component under the base path",
+        r,
+    );
+
+    let escape = fx.agents[0].dir().join("dotdot");
+    fx.must_not_exist.push(escape.clone());
+    let r = refused(
+        &fx,
+        "dotdot",
+        r#"pathPattern: "../{{ .PVC.Name }}""#,
+        json!({}),
+        &["`..`"],
+    )
+    .await;
+    fx.settle("pathPattern with `..`", "ProvisioningFailed naming `..`", r);
+
+    let absolute = fx.outside.join("absolute");
+    fx.must_not_exist.push(absolute.join("abs"));
+    let pattern = format!(
+        r#"pathPattern: "{}/{{{{ .PVC.Name }}}}""#,
+        absolute.display()
+    );
+    let r = refused(&fx, "abs", &pattern, json!({}), &["absolute"]).await;
+    fx.settle("absolute pathPattern", "ProvisioningFailed: absolute", r);
+
+    let r = refused(
+        &fx,
+        "broken",
+        r#"pathPattern: "x/{{ .PVC.Name""#,
+        json!({}),
+        &["closing `}}`"],
+    )
+    .await;
+    fx.settle(
+        "pathPattern with an unclosed `{{`",
+        "ProvisioningFailed: no closing `}}`",
+        r,
+    );
+
+    let team = json!({ "team": ".." });
+    let pattern = r#"pathPattern: "{{ .PVC.Annotations.team }}/{{ .PVC.Name }}""#;
+    let r = refused(&fx, "ann-dotdot", pattern, team, &["`..`"]).await;
+    fx.settle(
+        "annotation value `..` in pathPattern",
+        "ProvisioningFailed naming `..`",
+        r,
+    );
+
+    fx.must_not_exist.push(fx.agents[0].dir().join("escape"));
+    fx.must_not_exist
+        .push(fx.agents[0].dir().parent().unwrap().join("escape"));
+    let r = slash_in_annotation(&fx).await;
+    fx.settle(
+        "annotation value `../../escape` in pathPattern",
+        "binds; the `/` stays inside one component",
+        r,
+    );
+
+    let r = links_inside(&fx).await;
+    fx.settle(
+        "symlinks and a hard link planted in a volume, then Delete",
+        "volume removed, every outside target intact",
+        r,
+    );
+
+    let r = swapped_before_delete(&mut fx).await;
+    fx.settle(
+        "volume directory replaced by a symlink, then Delete",
+        "VolumeFailedDelete, the symlink is not followed",
+        r,
+    );
+
+    let r = planted_before_provisioning(&fx).await;
+    fx.settle(
+        "symlink planted at the volume path before provisioning",
+        "ProvisioningFailed, not followed; binds once it is gone",
+        r,
+    );
+
+    fx.must_not_exist
+        .push(std::env::current_dir()?.join("relative-base"));
+    let bad_configs = [
+        ("config.json that is not JSON", "{ \"nodePathMap\": [ "),
+        (
+            "config.json with an unknown key",
+            r#"{"nodePathMap":[{"node":"DEFAULT_PATH_FOR_NON_LISTED_NODES","paths":["/tmp"]}],"nodePathMapp":[]}"#,
+        ),
+        (
+            "config.json with a relative base path",
+            r#"{"nodePathMap":[{"node":"DEFAULT_PATH_FOR_NON_LISTED_NODES","paths":["relative-base"]}]}"#,
+        ),
+    ];
+    for (i, (name, text)) in bad_configs.into_iter().enumerate() {
+        let r = bad_config(&fx, i as u64 + 1, text).await;
+        fx.settle(
+            name,
+            "rejected, the old config kept, a claim still binds",
+            r,
+        );
+    }
+
+    let r = too_big(&fx).await;
+    fx.settle(
+        "claim too big for any node",
+        "ProvisioningFailed with the free space",
+        r,
+    );
+
+    let r = match fx.stuck_pv.take() {
+        Some(pv) => wait_pv_gone(&fx.client, &pv)
+            .await
+            .map(|()| format!("{pv} deleted")),
+        None => Err(anyhow::anyhow!("no PV was left by the symlink row")),
+    };
+    fx.settle(
+        "the refused volume, once its symlink is removed",
+        "its PV is deleted on the next retry",
+        r,
+    );
+    Ok(fx.tally)
+}
+
+/// The namespace, agents, classes and canaries every row shares.
+struct Fixture {
+    client: Client,
+    ns: String,
+    class: String,
+    prov: String,
+    /// node-a, node-b, then the agent with a config file (node-a, its own name).
+    agents: Vec<ProvisionerAgent>,
+    config: PathBuf,
+    config_base: PathBuf,
+    config_class: String,
+    /// A tree outside every base path that rows point links at.
+    outside: PathBuf,
+    canaries: BTreeMap<PathBuf, String>,
+    must_not_exist: Vec<PathBuf>,
+    stuck_pv: Option<String>,
+    tally: Tally,
+}
+
+impl Fixture {
+    async fn start() -> Result<Self> {
+        let cp = control_plane()?;
+        let client = cp.client().await?;
+        let ns = cp.namespace("faults-hostile").await?;
+        let prov = provisioner_name(&ns);
+        let mut agents = Vec::new();
+        for node in localship_tests::NODES {
+            agents.push(ProvisionerAgent::start(cp, node, &prov, &[]).await?);
+        }
+        let class = format!("{ns}-local");
+        storage_class(&client, &class, &prov, "Delete", "").await?;
+
+        let dir = scratch_dir("hostile")?;
+        let (config, config_base) = (dir.join("config.json"), dir.join("config-base"));
+        std::fs::write(
+            &config,
+            json!({ "nodePathMap": [{ "node": "DEFAULT_PATH_FOR_NON_LISTED_NODES", "paths": [config_base] }] })
+                .to_string(),
+        )?;
+        let config_prov = format!("config.{prov}");
+        let args = [
+            format!("--config={}", config.display()),
+            "--config-poll=200ms".to_string(),
+        ];
+        agents.push(ProvisionerAgent::start(cp, "node-a", &config_prov, &args).await?);
+        let config_class = format!("{ns}-config");
+        storage_class(&client, &config_class, &config_prov, "Delete", "").await?;
+
+        let outside = dir.join("outside");
+        for d in ["dir/sub", "swap-target", "pre-target"] {
+            std::fs::create_dir_all(outside.join(d))?;
+        }
+        std::fs::write(outside.join("dir/precious"), "must survive")?;
+        std::fs::write(outside.join("dir/sub/deeper"), "also must survive")?;
+        std::fs::write(
+            outside.join("hard-target"),
+            "hard-linked, must keep its content",
+        )?;
+        std::fs::write(
+            outside.join("swap-target/canary"),
+            "behind a swapped volume",
+        )?;
+        std::fs::write(
+            outside.join("pre-target/canary"),
+            "behind a planted symlink",
+        )?;
+        let canaries = snapshot(&outside)?;
+        Ok(Self {
+            client,
+            ns,
+            class,
+            prov,
+            agents,
+            config,
+            config_base,
+            config_class,
+            outside,
+            canaries,
+            must_not_exist: Vec::new(),
+            stuck_pv: None,
+            tally: Tally::default(),
+        })
+    }
+
+    /// Records one row and checks what must hold after every row.
+    fn settle(&mut self, name: &str, expect: &str, result: Result<String>) {
+        self.tally.rounds += 1;
+        self.tally.faults += 1;
+        self.tally.checked += 1;
+        match result {
+            Ok(seen) => eprintln!("faults: ok   | {name} | expected: {expect} | observed: {seen}"),
+            Err(e) => {
+                self.tally.lost += 1;
+                eprintln!("faults: LOST | {name} | expected: {expect} | {e:#}");
+            }
+        }
+        for problem in self.after_row() {
+            self.tally.lost += 1;
+            eprintln!("faults: LOST | {name} | {problem}");
+        }
+    }
+
+    fn after_row(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for agent in &mut self.agents {
+            if let Err(e) = agent.check_running() {
+                problems.push(format!("agent died: {e:#}"));
+            } else if let Err(e) = agent.metrics() {
+                problems.push(format!("agent on {} stopped serving: {e:#}", agent.node));
+            }
+        }
+        match snapshot(&self.outside) {
+            Ok(now) if now == self.canaries => {}
+            Ok(now) => problems.push(format!(
+                "outside the base path changed: was {:?}, now {now:?}",
+                self.canaries
+            )),
+            Err(e) => problems.push(format!("cannot read the outside tree: {e:#}")),
+        }
+        for path in &self.must_not_exist {
+            if path.symlink_metadata().is_ok() {
+                problems.push(format!("{} exists", path.display()));
+            }
+        }
+        problems
+    }
+
+    fn base_a(&self) -> PathBuf {
+        self.agents[0].base_path()
+    }
+
+    /// A claim of the default class with a pod on node-a, bound.
+    async fn bound_on_a(&self, claim: &str) -> Result<PersistentVolume> {
+        create_claim_with_pod(
+            &self.client,
+            &self.ns,
+            claim,
+            &self.class,
+            "64Mi",
+            Some("node-a"),
+            json!({}),
+        )
+        .await?;
+        wait_bound(&self.client, &self.ns, claim).await
+    }
+}
+
+/// Every entry of a tree, not following symlinks: files with their content,
+/// symlinks with their target.
+fn snapshot(root: &Path) -> Result<BTreeMap<PathBuf, String>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let meta = path.symlink_metadata()?;
+            let what = if meta.is_symlink() {
+                format!("symlink to {}", std::fs::read_link(&path)?.display())
+            } else if meta.is_dir() {
+                todo.push(path.clone());
+                "dir".to_string()
+            } else {
+                format!("file {:?}", std::fs::read_to_string(&path)?)
+            };
+            out.insert(path.strip_prefix(root)?.to_path_buf(), what);
+        }
+    }
+    Ok(out)
+}
+
+/// Waits for an Event with `reason` on the object named `name`, in any
+/// namespace (a PV's Events land in `default`), and returns its message.
+async fn wait_event(client: &Client, name: &str, reason: &str) -> Result<String> {
+    let events = Api::<Event>::all(client.clone());
+    wait_for(
+        &format!("a {reason} Event on {name}"),
+        EVENT_TIMEOUT,
+        || async {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .into_iter()
+                .find(|e| {
+                    e.involved_object.name.as_deref() == Some(name)
+                        && e.reason.as_deref() == Some(reason)
+                })
+                .map(|e| e.message.unwrap_or_default()))
+        },
+    )
+    .await
+}
+
+async fn long_names(fx: &Fixture) -> Result<String> {
+    let cp = control_plane()?;
+    let ns = cp.namespace(&format!("hostile-{}", "n".repeat(46))).await?;
+    ensure!(ns.len() == 63, "namespace {ns} is {} characters", ns.len());
+    let claim = "c".repeat(253);
+    create_claim_with_pod(
+        &fx.client,
+        &ns,
+        &claim,
+        &fx.class,
+        "64Mi",
+        Some("node-a"),
+        json!({}),
+    )
+    .await?;
+    let pv = wait_bound(&fx.client, &ns, &claim).await?;
+    let path = PathBuf::from(host_path(&pv));
+    ensure!(
+        path.parent() == Some(fx.base_a().as_path()),
+        "{} is not directly under the base path",
+        path.display()
+    );
+    ensure!(path.is_dir(), "{} is not a directory", path.display());
+    let component = path.file_name().map(|n| n.len()).unwrap_or_default();
+    ensure!(component <= 255, "component is {component} bytes");
+    Ok(format!(
+        "bound at a {component}-byte directory under the base path"
+    ))
+}
+
+/// A claim of a class with `params`, on node-a: it must get a
+/// ProvisioningFailed Event containing each of `words`, stay Pending, and
+/// leave no directory.
+async fn refused(
+    fx: &Fixture,
+    claim: &str,
+    params: &str,
+    annotations: serde_json::Value,
+    words: &[&str],
+) -> Result<String> {
+    let class = format!("{}-{claim}", fx.ns);
+    storage_class(&fx.client, &class, &fx.prov, "Delete", params).await?;
+    let before = std::fs::read_dir(fx.base_a())?.count();
+    create_claim_with_pod(
+        &fx.client,
+        &fx.ns,
+        claim,
+        &class,
+        "64Mi",
+        Some("node-a"),
+        annotations,
+    )
+    .await?;
+    let message = wait_event(&fx.client, claim, "ProvisioningFailed").await?;
+    for word in words {
+        ensure!(
+            message.contains(word),
+            "the message lacks {word:?}: {message}"
+        );
+    }
+    let pvc = Api::<PersistentVolumeClaim>::namespaced(fx.client.clone(), &fx.ns)
+        .get(claim)
+        .await?;
+    ensure!(phase(&pvc) == "Pending", "claim is {}", phase(&pvc));
+    let after = std::fs::read_dir(fx.base_a())?.count();
+    ensure!(
+        after == before,
+        "the base path gained {} entries",
+        after - before
+    );
+    Ok(message)
+}
+
+async fn slash_in_annotation(fx: &Fixture) -> Result<String> {
+    let class = format!("{}-ann-slash", fx.ns);
+    let pattern = r#"pathPattern: "{{ .PVC.Annotations.team }}/{{ .PVC.Name }}""#;
+    storage_class(&fx.client, &class, &fx.prov, "Delete", pattern).await?;
+    let team = json!({ "team": "../../escape" });
+    create_claim_with_pod(
+        &fx.client,
+        &fx.ns,
+        "ann-slash",
+        &class,
+        "64Mi",
+        Some("node-a"),
+        team,
+    )
+    .await?;
+    let pv = wait_bound(&fx.client, &fx.ns, "ann-slash").await?;
+    let path = PathBuf::from(host_path(&pv));
+    let want = fx.base_a().join(".._.._escape/ann-slash");
+    ensure!(
+        path == want,
+        "bound at {}, expected {}",
+        path.display(),
+        want.display()
+    );
+    ensure!(path.is_dir());
+    Ok(format!("bound at {}", path.display()))
+}
+
+async fn links_inside(fx: &Fixture) -> Result<String> {
+    let pv = fx.bound_on_a("planted").await?;
+    let vol = PathBuf::from(host_path(&pv));
+    let out = &fx.outside;
+    std::fs::create_dir_all(vol.join("sub/deeper"))?;
+    std::fs::write(vol.join("sub/deeper/attempt=1.log"), "log")?;
+    std::os::unix::fs::symlink(out.join("dir"), vol.join("escape"))?;
+    std::os::unix::fs::symlink("/", vol.join("root"))?;
+    std::os::unix::fs::symlink(out.join("dir/precious"), vol.join("sub/file-link"))?;
+    std::os::unix::fs::symlink("../../../../..", vol.join("sub/deeper/up"))?;
+    std::fs::hard_link(out.join("hard-target"), vol.join("sub/hard"))?;
+    delete_claim_and_pod(&fx.client, &fx.ns, "planted").await?;
+    wait_pv_gone(&fx.client, &pv.name_any()).await?;
+    ensure!(
+        vol.symlink_metadata().is_err(),
+        "{} still exists",
+        vol.display()
+    );
+    use std::os::unix::fs::MetadataExt;
+    let links = out.join("hard-target").metadata()?.nlink();
+    ensure!(links == 1, "hard-target has {links} links");
+    Ok(format!(
+        "{} removed; 4 symlinks and a hard link unlinked, targets intact",
+        vol.display()
+    ))
+}
+
+async fn swapped_before_delete(fx: &mut Fixture) -> Result<String> {
+    let pv = fx.bound_on_a("swapped").await?;
+    let vol = PathBuf::from(host_path(&pv));
+    std::fs::remove_dir(&vol)?;
+    std::os::unix::fs::symlink(fx.outside.join("swap-target"), &vol)?;
+    delete_claim_and_pod(&fx.client, &fx.ns, "swapped").await?;
+    let message = wait_event(&fx.client, &pv.name_any(), "VolumeFailedDelete").await?;
+    ensure!(message.contains("symlink"), "{message}");
+    let kept = Api::<PersistentVolume>::all(fx.client.clone())
+        .get_opt(&pv.name_any())
+        .await?;
+    ensure!(
+        kept.is_some(),
+        "the PV was deleted although its directory was not removed"
+    );
+    // The administrator's fix; the last row checks the agent then finishes.
+    std::fs::remove_file(&vol)?;
+    fx.stuck_pv = Some(pv.name_any());
+    Ok(message)
+}
+
+async fn planted_before_provisioning(fx: &Fixture) -> Result<String> {
+    let claim = "preplanted";
+    let pvc = create_claim(&fx.client, &fx.ns, claim, &fx.class, "64Mi", json!({})).await?;
+    let dir = format!("pvc-{}_{}_{claim}", pvc.uid().context("claim uid")?, fx.ns);
+    let planted = fx.base_a().join(dir);
+    std::os::unix::fs::symlink(fx.outside.join("pre-target"), &planted)?;
+    create_pod(&fx.client, &fx.ns, claim, Some("node-a")).await?;
+    let message = wait_event(&fx.client, claim, "ProvisioningFailed").await?;
+    ensure!(message.contains("symlink"), "{message}");
+    let pvc = Api::<PersistentVolumeClaim>::namespaced(fx.client.clone(), &fx.ns)
+        .get(claim)
+        .await?;
+    ensure!(phase(&pvc) == "Pending", "claim is {}", phase(&pvc));
+    std::fs::remove_file(&planted)?;
+    let pv = wait_bound(&fx.client, &fx.ns, claim).await?;
+    ensure!(PathBuf::from(host_path(&pv)) == planted);
+    ensure!(
+        planted.symlink_metadata()?.is_dir(),
+        "{} is not a real directory",
+        planted.display()
+    );
+    Ok(format!("{message} (bound once the symlink was removed)"))
+}
+
+/// Writes a broken config and checks the agent refuses it (the `n`th
+/// refusal) and keeps provisioning under the old base path.
+async fn bad_config(fx: &Fixture, n: u64, text: &str) -> Result<String> {
+    std::fs::write(&fx.config, text)?;
+    let agent = &fx.agents[2];
+    wait_for(
+        "the agent to refuse the config",
+        Duration::from_secs(10),
+        || async {
+            let m = agent.metrics()?;
+            Ok(
+                m.contains(&format!(r#"config_reloads_total{{result="error"}} {n}"#))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let refusal = agent
+        .log_tail(20)
+        .lines()
+        .rev()
+        .find(|l| l.contains("rejected"))
+        .map(plain)
+        .unwrap_or_default();
+    let claim = format!("after-bad-config-{n}");
+    create_claim_with_pod(
+        &fx.client,
+        &fx.ns,
+        &claim,
+        &fx.config_class,
+        "64Mi",
+        Some("node-a"),
+        json!({}),
+    )
+    .await?;
+    let pv = wait_bound(&fx.client, &fx.ns, &claim).await?;
+    let path = PathBuf::from(host_path(&pv));
+    ensure!(
+        path.parent() == Some(fx.config_base.as_path()),
+        "bound at {}",
+        path.display()
+    );
+    Ok(refusal)
+}
+
+async fn too_big(fx: &Fixture) -> Result<String> {
+    create_claim_with_pod(
+        &fx.client,
+        &fx.ns,
+        "huge",
+        &fx.class,
+        "1Pi",
+        None,
+        json!({}),
+    )
+    .await?;
+    let found = wait_for("a not-enough-space Event", EVENT_TIMEOUT, || async {
+        Ok(claim_events(&fx.client, &fx.ns, "huge")
+            .await?
+            .into_iter()
+            .find(|(r, m)| r == "ProvisioningFailed" && m.contains("not enough space")))
+    })
+    .await;
+    delete_claim_and_pod(&fx.client, &fx.ns, "huge").await?;
+    let (_, message) = found?;
+    ensure!(message.contains("free"), "{message}");
+    Ok(message)
+}
+
+/// A log line without its terminal colours.
+fn plain(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // Skip to the end of the `ESC [ ... m` sequence.
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
