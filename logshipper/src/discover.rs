@@ -234,7 +234,10 @@ mod tests {
             root.join("dag_id=a/run_id=r/task_id=t/attempt=2.log"),
         )
         .unwrap();
+        // A linked directory where logs could be is reported too; Airflow's own
+        // `scheduler/latest` link is not.
         std::os::unix::fs::symlink("/etc", root.join("dag_id=etc")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("scheduler/latest")).unwrap();
         let odd = std::ffi::OsStr::from_bytes(b"attempt=\xff.log");
         std::fs::write(root.join("dag_id=a/run_id=r/task_id=t").join(odd), b"w").unwrap();
         write(root, "dag_id=a/run_id=r/task_id=t/attempt=3\n.log", b"v");
@@ -255,6 +258,7 @@ mod tests {
             vec![
                 SkipReason::InvalidName,
                 SkipReason::NonUtf8,
+                SkipReason::Symlink,
                 SkipReason::Symlink
             ]
         );

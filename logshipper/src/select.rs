@@ -24,19 +24,35 @@ pub struct GlobError {
 pub struct Filter {
     include: GlobSet,
     exclude: GlobSet,
+    /// Directories an include glob could match beneath: each glob's leading components.
+    holders: GlobSet,
 }
 
 impl Filter {
     /// `*` and `?` never cross a `/`; `**` does.
     pub fn new(include: &[String], exclude: &[String]) -> Result<Self, GlobError> {
+        let holders: Vec<String> = include
+            .iter()
+            .flat_map(|glob| {
+                let parts: Vec<&str> = glob.split('/').collect();
+                (1..parts.len()).map(move |n| parts[..n].join("/"))
+            })
+            .collect();
         Ok(Self {
             include: glob_set(include)?,
             exclude: glob_set(exclude)?,
+            holders: glob_set(&holders)?,
         })
     }
 
     pub fn matches(&self, relative: &str) -> bool {
         self.include.is_match(relative) && !self.exclude.is_match(relative)
+    }
+
+    /// Whether a directory at `relative` could hold files to ship: a symlink there is a
+    /// linked log directory that is not followed, and worth a warning.
+    pub fn may_hold(&self, relative: &str) -> bool {
+        self.holders.is_match(relative)
     }
 }
 
@@ -122,6 +138,24 @@ mod tests {
         let filter = Filter::new(&strings(&["*.log"]), &[]).unwrap();
         assert!(filter.matches("a.log"));
         assert!(!filter.matches("dir/a.log"));
+    }
+
+    #[test]
+    fn directories_that_may_hold_logs() {
+        let filter = default_filter();
+        for dir in [
+            "dag_id=etl",
+            "dag_id=etl/run_id=r",
+            "dag_id=etl/run_id=r/task_id=t",
+        ] {
+            assert!(filter.may_hold(dir), "{dir}");
+        }
+        // Airflow's own `scheduler/latest` link is no log directory.
+        for dir in ["scheduler", "scheduler/latest", "other"] {
+            assert!(!filter.may_hold(dir), "{dir}");
+        }
+        let everywhere = Filter::new(&strings(&["**/*.log"]), &[]).unwrap();
+        assert!(everywhere.may_hold("scheduler/latest"));
     }
 
     #[test]

@@ -2,13 +2,12 @@
 //! Airflow's own S3 log reader.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
 use localship_tests::airflow::read_with_airflow;
-use localship_tests::servers::localship_bin;
-use localship_tests::{scratch_dir, wait_for, Minio, Process};
+use localship_tests::{scratch_dir, wait_for, Minio, ShipperAgent};
 
 const BUCKET: &str = "airflow";
 
@@ -33,56 +32,9 @@ fn airflow_tree(root: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
     Ok(tree)
 }
 
-struct Shipper {
-    dir: PathBuf,
-    args: Vec<String>,
-    envs: Vec<(String, String)>,
-}
-
-impl Shipper {
-    fn new(minio: &Minio, source: &Path, extra: &[&str]) -> Result<Self> {
-        let dir = scratch_dir("shipper")?;
-        let mut args = vec![
-            format!("--source={}", source.display()),
-            format!("--dest=s3://{BUCKET}/logs"),
-            format!("--s3-endpoint={}", minio.endpoint()),
-            "--s3-path-style".into(),
-            format!("--ledger={}", dir.join("ledger.redb").display()),
-        ];
-        if !extra.iter().any(|a| a.starts_with("--settle")) {
-            args.push("--settle=1s".into());
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Ok(Self {
-            dir,
-            args,
-            envs: minio.aws_env(),
-        })
-    }
-
-    fn spawn(&self, extra: &[&str]) -> Result<Process> {
-        let mut args = self.args.clone();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Process::spawn(
-            "logshipper",
-            &localship_bin("localship-logshipper")?,
-            &args,
-            &self.envs,
-            &self.dir,
-        )
-    }
-
-    /// One `--once` run, which must succeed.
-    fn once(&self) -> Result<()> {
-        let mut p = self.spawn(&["--once"])?;
-        let status = p.wait(Duration::from_secs(120))?;
-        anyhow::ensure!(
-            status.success(),
-            "--once failed ({status}):\n{}",
-            p.log_tail(30)
-        );
-        Ok(())
-    }
+/// A standalone shipper of `source` to `s3://airflow/logs`.
+fn shipper(minio: &Minio, source: &Path, extra: &[&str]) -> Result<ShipperAgent> {
+    ShipperAgent::standalone(minio, source, &format!("s3://{BUCKET}/logs"), extra)
 }
 
 async fn assert_shipped(minio: &Minio, tree: &BTreeMap<String, Vec<u8>>) -> Result<()> {
@@ -113,10 +65,10 @@ async fn ships_airflow_logs_that_airflows_reader_reads_and_a_restart_asks_nothin
     )?;
     std::fs::create_dir_all(source.join("scheduler/2024-05-01"))?;
     std::fs::write(source.join("scheduler/2024-05-01/etl.py.log"), b"scheduler")?;
-    let shipper = Shipper::new(&minio, &source, &[])?;
+    let shipper = shipper(&minio, &source, &[])?;
 
     let before = minio.s3_requests()?;
-    shipper.once()?;
+    shipper.once(&[])?;
     let first_run = minio.s3_requests()? - before;
     assert_shipped(&minio, &tree).await?;
     let expected: Vec<String> = tree.keys().map(|r| format!("logs/{r}")).collect();
@@ -157,7 +109,7 @@ async fn ships_airflow_logs_that_airflows_reader_reads_and_a_restart_asks_nothin
 
     // A restart over shipped files: no request per file.
     let before = minio.s3_requests()?;
-    shipper.once()?;
+    shipper.once(&[])?;
     let restart = minio.s3_requests()? - before;
     assert!(restart <= 1, "restart made {restart} S3 requests");
 
@@ -167,7 +119,7 @@ async fn ships_airflow_logs_that_airflows_reader_reads_and_a_restart_asks_nothin
     grown.extend_from_slice(b"resumed after deferral\n");
     std::fs::write(source.join(&rel), &grown)?;
     tree.insert(rel, grown);
-    shipper.once()?;
+    shipper.once(&[])?;
     assert_shipped(&minio, &tree).await?;
     Ok(())
 }
@@ -190,7 +142,7 @@ async fn kill_9_mid_multipart_then_restart_leaves_the_whole_object() -> Result<(
         i += 1;
     }
     std::fs::write(&path, &data)?;
-    let shipper = Shipper::new(
+    let shipper = shipper(
         &minio,
         &source,
         &[
@@ -200,7 +152,7 @@ async fn kill_9_mid_multipart_then_restart_leaves_the_whole_object() -> Result<(
             "--settle=10ms",
         ],
     )?;
-    let mut first = shipper.spawn(&["--once"])?;
+    let mut first = shipper.spawn_once(&[])?;
     let client = minio.client();
     let key = format!("logs/{rel}");
     // Poll by hand: the shipper must still be running while we look.
@@ -230,7 +182,7 @@ async fn kill_9_mid_multipart_then_restart_leaves_the_whole_object() -> Result<(
         "a half object is visible"
     );
 
-    shipper.once()?;
+    shipper.once(&[])?;
     let got = minio
         .get_object(BUCKET, &key)
         .await?
@@ -246,24 +198,8 @@ async fn a_minio_outage_backs_up_logs_and_they_all_ship_after_it() -> Result<()>
     let mut minio = Minio::start().await?;
     minio.create_bucket(BUCKET).await?;
     let source = scratch_dir("outage")?;
-    let port = localship_tests::process::free_port();
-    let shipper = Shipper::new(
-        &minio,
-        &source,
-        &[&format!("--metrics-addr=127.0.0.1:{port}")],
-    )?;
-    let mut daemon = shipper.spawn(&[])?;
-    wait_for(
-        "the shipper to be ready",
-        Duration::from_secs(30),
-        || async {
-            Ok(localship_tests::agents::http_get(port, "/readyz")
-                .ok()
-                .filter(|r| r.0 == 200)
-                .map(|_| ()))
-        },
-    )
-    .await?;
+    let mut daemon = shipper(&minio, &source, &[])?;
+    daemon.start().await?;
 
     minio.stop();
     let mut tree = BTreeMap::new();

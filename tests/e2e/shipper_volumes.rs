@@ -14,13 +14,7 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::Api;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
-use localship_tests::agents::http_get;
-use localship_tests::process::free_port;
-use localship_tests::servers::localship_bin;
-use localship_tests::{
-    apply_yaml, control_plane, scratch_dir, wait_for, ControlPlane, Minio, Process,
-    ProvisionerAgent,
-};
+use localship_tests::{apply_yaml, control_plane, wait_for, Minio, ProvisionerAgent, ShipperAgent};
 
 use crate::common::*;
 
@@ -28,92 +22,6 @@ const SHIP_LOGS: &str = "localship.io/ship-logs";
 const OPT_IN: &str = "localship.io/ship-to";
 const DEST: &str = "s3://airflow/logs";
 const RUN: &str = "dag_id=etl/run_id=manual__2024-01-01T00:00:00+00:00";
-
-/// One `localship-logshipper` in Kubernetes mode for `node`, shipping to `minio`.
-struct Shipper {
-    name: String,
-    dir: PathBuf,
-    args: Vec<String>,
-    envs: Vec<(String, String)>,
-    port: u16,
-    process: Option<Process>,
-}
-
-impl Shipper {
-    async fn start(cp: &ControlPlane, node: &str, minio: &Minio) -> Result<Self> {
-        let dir = scratch_dir(&format!("shipper-{node}"))?;
-        let port = free_port();
-        let args = vec![
-            format!("--node-name={node}"),
-            format!("--dest={DEST}"),
-            format!("--s3-endpoint={}", minio.endpoint()),
-            "--s3-path-style".into(),
-            "--settle=1s".into(),
-            format!("--ledger={}", dir.join("ledger.redb").display()),
-            format!("--metrics-addr=127.0.0.1:{port}"),
-        ];
-        let mut envs = minio.aws_env();
-        envs.push((
-            "KUBECONFIG".into(),
-            cp.admin_kubeconfig().display().to_string(),
-        ));
-        envs.push(("RUST_LOG".into(), "info".into()));
-        let mut shipper = Self {
-            name: format!("shipper-{node}"),
-            dir,
-            args,
-            envs,
-            port,
-            process: None,
-        };
-        shipper.restart().await?;
-        Ok(shipper)
-    }
-
-    /// Starts the shipper (again, with the same ledger) and waits for /readyz.
-    async fn restart(&mut self) -> Result<()> {
-        self.kill();
-        let bin = localship_bin("localship-logshipper")?;
-        let process = Process::spawn(&self.name, &bin, &self.args, &self.envs, &self.dir)?;
-        self.process = Some(process);
-        let port = self.port;
-        wait_for(
-            "the shipper to be ready",
-            Duration::from_secs(30),
-            || async move {
-                Ok(http_get(port, "/readyz")
-                    .ok()
-                    .filter(|(code, _)| *code == 200)
-                    .map(|_| ()))
-            },
-        )
-        .await
-        .with_context(|| format!("shipper log tail:\n{}", self.log_tail()))
-    }
-
-    /// kill -9.
-    fn kill(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            p.kill();
-        }
-    }
-
-    fn metrics(&self) -> Result<String> {
-        Ok(http_get(self.port, "/metrics")?.1)
-    }
-
-    /// Waits until /metrics shows `line`.
-    async fn wait_metric(&self, line: &str) -> Result<()> {
-        wait_for(line, Duration::from_secs(30), || async {
-            Ok(self.metrics()?.contains(line).then_some(()))
-        })
-        .await
-    }
-
-    fn log_tail(&self) -> String {
-        localship_tests::process::log_tail(&self.dir.join(format!("{}.log", self.name)), 30)
-    }
-}
 
 /// A claim with `annotations` (a YAML flow mapping) and a pod on `node` that uses it.
 async fn claim_with_pod_annotated(
@@ -188,7 +96,8 @@ async fn a_deleted_volume_keeps_its_directory_until_its_logs_are_shipped() -> Re
     let mut minio = Minio::start().await?;
     minio.create_bucket("airflow").await?;
     let _agent = ProvisionerAgent::start(cp, "node-a", &provisioner_name(&ns), &[]).await?;
-    let mut shipper = Shipper::start(cp, "node-a", &minio).await?;
+    let mut shipper = ShipperAgent::kubernetes(cp, "node-a", &minio, DEST, &[])?;
+    shipper.start().await?;
     let held = ever_held(&client, "node-a");
     let class = format!("{ns}-logs");
     storage_class(&client, &class, &provisioner_name(&ns), "Delete", "").await?;
@@ -278,7 +187,7 @@ async fn a_deleted_volume_keeps_its_directory_until_its_logs_are_shipped() -> Re
         ensure!(
             started.elapsed() < BIND_TIMEOUT,
             "the shipper never found MinIO down:\n{}",
-            shipper.log_tail()
+            shipper.log_tail(30)
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -292,7 +201,7 @@ async fn a_deleted_volume_keeps_its_directory_until_its_logs_are_shipped() -> Re
     shipper.restart().await?;
     wait_pv_gone(&client, &logs_pv.name_any())
         .await
-        .with_context(|| format!("shipper log tail:\n{}", shipper.log_tail()))?;
+        .with_context(|| format!("shipper log tail:\n{}", shipper.log_tail(30)))?;
     for (relative, bytes) in &logs {
         let shipped = object(&minio, relative).await?;
         assert_eq!(shipped.as_ref(), Some(bytes), "logs/{relative}");
@@ -312,11 +221,7 @@ async fn a_deleted_volume_keeps_its_directory_until_its_logs_are_shipped() -> Re
         !held.contains(&scratch_pv.name_any()),
         "the volume that did not opt in got the finalizer"
     );
-    shipper
-        .process
-        .as_mut()
-        .context("running")?
-        .check_running()?;
+    shipper.check_running()?;
     shipper
         .wait_metric("localship_logshipper_volumes_draining 0")
         .await?;

@@ -13,6 +13,7 @@ pub mod kubeconfig;
 pub mod minio;
 pub mod process;
 pub mod servers;
+pub mod shipper;
 pub mod wait;
 
 pub use agents::ProvisionerAgent;
@@ -20,6 +21,7 @@ pub use apply::apply_yaml;
 pub use cluster::{control_plane, ControlPlane, NODES};
 pub use minio::Minio;
 pub use process::Process;
+pub use shipper::ShipperAgent;
 pub use wait::wait_for;
 
 use std::path::PathBuf;

@@ -186,7 +186,12 @@ impl Scan {
         let Ok(relative) = path.strip_prefix(&self.source.root) else {
             return;
         };
-        if !self.filter.matches(&relative.to_string_lossy()) {
+        let shown = relative.to_string_lossy();
+        if !self.filter.matches(&shown) {
+            // A linked directory is not followed: say so where logs could be beneath it.
+            if file_type.is_symlink() && self.filter.may_hold(&shown) {
+                self.skip(path.to_owned(), SkipReason::Symlink);
+            }
             return;
         }
         let reason = if file_type.is_symlink() {
