@@ -5,6 +5,7 @@
 mod airflow_reader;
 mod common;
 mod deploy;
+mod helm;
 mod logshipper;
 mod provisioner;
 mod shipper_volumes;
