@@ -4,6 +4,7 @@
 
 mod airflow_reader;
 mod common;
+mod dashboard;
 mod deploy;
 mod helm;
 mod logshipper;
