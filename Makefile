@@ -7,10 +7,11 @@ CARGO ?= cargo
 test: servers build
 	$(CARGO) test --release --locked --workspace
 
-## Build etcd, the Kubernetes v1.32 control plane, MinIO and mc from their Go
-## modules into ~/.cache/localship-test (a no-op when cached).
+## Build etcd, the Kubernetes v1.32 control plane, MinIO, mc and helm from
+## their Go modules into ~/.cache/localship-test (a no-op when cached).
 servers:
 	bash tests/servers/build.sh >/dev/null
+	bash tests/servers/helm/build.sh >/dev/null
 	bash tests/airflow/setup.sh >/dev/null
 
 ## The release binaries the e2e tests run (the same ones the image ships).

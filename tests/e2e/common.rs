@@ -3,6 +3,114 @@
 
 pub use localship_tests::claims::*;
 
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, PostParams};
+use kube::Client;
+use localship_tests::kubeconfig::write_token_kubeconfig;
+use localship_tests::{apply_yaml, wait_for, ControlPlane};
+
 /// Held by tests that make a default StorageClass: with two defaults the
 /// apiserver picks the newest, so they take turns.
 pub static DEFAULT_CLASS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A kubeconfig with a token of ServiceAccount `ns/name`: the agents run as
+/// the DaemonSet's pods would.
+pub async fn service_account_kubeconfig(
+    cp: &ControlPlane,
+    ns: &str,
+    name: &str,
+) -> Result<std::path::PathBuf> {
+    let client = cp.client().await?;
+    let request: TokenRequest =
+        serde_json::from_value(serde_json::json!({ "spec": { "expirationSeconds": 3600 } }))?;
+    let token: TokenRequest = Api::<ServiceAccount>::namespaced(client, ns)
+        .create_subresource("token", name, &PostParams::default(), &request)
+        .await?;
+    let token = token.status.context("no token issued")?.token;
+    let kubeconfig = localship_tests::scratch_dir("sa")?.join(format!("{name}.kubeconfig"));
+    write_token_kubeconfig(&kubeconfig, cp.server(), cp.ca_pem(), name, &token)?;
+    Ok(kubeconfig)
+}
+
+/// Documents of a multi-document YAML stream, parsed.
+pub fn yaml_documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_json::Value::deserialize(doc)?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+/// The one object of `kind` (and `name`, if given) among `objects`.
+pub fn object<'a>(
+    objects: &'a [serde_json::Value],
+    kind: &str,
+    name: Option<&str>,
+) -> Result<&'a serde_json::Value> {
+    let found: Vec<_> = objects
+        .iter()
+        .filter(|o| o["kind"] == kind && name.is_none_or(|n| o["metadata"]["name"] == n))
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        _ => bail!("{} {kind} objects named {name:?}", found.len()),
+    }
+}
+
+/// A ClusterRole's rules in a canonical order, to compare two of them.
+pub fn canonical_rules(role: &serde_json::Value) -> Vec<(Vec<String>, Vec<String>, Vec<String>)> {
+    let sorted = |v: &serde_json::Value| {
+        let mut items: Vec<String> = v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        items.sort();
+        items
+    };
+    let mut rules: Vec<_> = role["rules"]
+        .as_array()
+        .map(|rules| {
+            rules
+                .iter()
+                .map(|r| {
+                    (
+                        sorted(&r["apiGroups"]),
+                        sorted(&r["resources"]),
+                        sorted(&r["verbs"]),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rules.sort();
+    rules
+}
+
+/// The ServiceMonitor CRD stand-in, established, so ServiceMonitors can be
+/// dry-run.
+pub async fn servicemonitor_crd(client: &Client) -> Result<()> {
+    let yaml = include_str!("fixtures/servicemonitor-crd.yaml");
+    apply_yaml(client, None, yaml, false).await?;
+    let gvk = kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor");
+    wait_for(
+        "the ServiceMonitor CRD to be served",
+        BIND_TIMEOUT,
+        || async {
+            Ok(kube::discovery::pinned_kind(client, &gvk)
+                .await
+                .ok()
+                .map(|_| ()))
+        },
+    )
+    .await
+}

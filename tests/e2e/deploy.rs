@@ -6,13 +6,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, PostParams};
-use localship_tests::kubeconfig::write_token_kubeconfig;
+use kube::api::Api;
 use localship_tests::{apply_yaml, control_plane, wait_for, ProvisionerAgent};
-use serde_json::json;
 
 use crate::common::*;
 
@@ -20,17 +17,110 @@ fn kustomize() -> Result<String> {
     kustomize_dir("deploy")
 }
 
-fn kustomize_dir(dir: &str) -> Result<String> {
+/// `kubectl kustomize` of a directory relative to the workspace root.
+pub fn kustomize_dir(dir: &str) -> Result<String> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(dir);
     let out = control_plane()?.kubectl(&["kustomize", root.to_str().unwrap()])?;
     anyhow::ensure!(
         out.status.success(),
-        "kubectl kustomize deploy/: {}",
+        "kubectl kustomize {dir}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The `localship` namespace, for real: namespaced objects cannot be dry-run
+/// into a namespace that does not exist (kubectl --dry-run=server has the same
+/// limit).
+async fn localship_namespace(client: &kube::Client, manifests: &str) -> Result<()> {
+    let namespace = manifests
+        .split("\n---\n")
+        .find(|d| d.contains("kind: Namespace"))
+        .context("no Namespace")?;
+    apply_yaml(client, None, namespace, false).await?;
+    Ok(())
+}
+
+/// The containers of the one DaemonSet among `objects`.
+fn containers(objects: &[serde_json::Value]) -> Result<&Vec<serde_json::Value>> {
+    object(objects, "DaemonSet", None)?["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .context("no containers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kustomize_component_passes_server_side_dry_run() -> Result<()> {
+    let cp = control_plane()?;
+    let client = cp.client().await?;
+    servicemonitor_crd(&client).await?;
+    localship_namespace(&client, &kustomize()?).await?;
+    let dry_run = |dir: &'static str| {
+        let client = client.clone();
+        async move {
+            let objects = apply_yaml(&client, None, &kustomize_dir(dir)?, true)
+                .await
+                .with_context(|| format!("dry-run of {dir}"))?;
+            objects
+                .into_iter()
+                .map(|o| Ok(serde_json::to_value(o)?))
+                .collect::<Result<Vec<_>>>()
+        }
+    };
+
+    // service-monitor: scrapes both metrics ports of the metrics Service.
+    let objects = dry_run("tests/e2e/fixtures/kustomize/service-monitor").await?;
+    let monitor = object(&objects, "ServiceMonitor", Some("localship"))?;
+    let service = object(&objects, "Service", Some("localship-metrics"))?;
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"],
+        service["metadata"]["labels"]
+    );
+    let ports: Vec<&str> = monitor["spec"]["endpoints"]
+        .as_array()
+        .context("no endpoints")?
+        .iter()
+        .filter_map(|e| e["port"].as_str())
+        .collect();
+    assert_eq!(ports, ["prov-metrics", "ship-metrics"]);
+
+    // rancher-migration: serves rancher.io/local-path and leaves rancher's
+    // `local-path` class alone (a class's provisioner cannot change).
+    let objects = dry_run("deploy/overlays/rancher-migration").await?;
+    assert!(
+        !objects.iter().any(|o| o["kind"] == "StorageClass"),
+        "rancher-migration would replace rancher's class"
+    );
+    let provisioner = &containers(&objects)?[0];
+    assert_eq!(provisioner["name"], "provisioner");
+    assert!(
+        provisioner["env"]
+            .as_array()
+            .context("no env")?
+            .iter()
+            .any(|e| e["name"] == "LOCALSHIP_SERVE_RANCHER" && e["value"] == "true"),
+        "{provisioner}"
+    );
+
+    // All of them at once compose: both containers, both metrics ports,
+    // the monitor, rancher served.
+    let objects = dry_run("tests/e2e/fixtures/kustomize/every-component").await?;
+    object(&objects, "ServiceMonitor", Some("localship"))?;
+    let mut names: Vec<&str> = containers(&objects)?
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["logshipper", "provisioner"]);
+    let ports: Vec<&str> = object(&objects, "Service", Some("localship-metrics"))?["spec"]["ports"]
+        .as_array()
+        .context("no ports")?
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(ports, ["ship-metrics", "prov-metrics"]);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,13 +131,7 @@ async fn deploy_applies_and_its_rbac_is_enough_for_the_agents() -> Result<()> {
     let cp = control_plane()?;
     let client = cp.client().await?;
     let manifests = kustomize()?;
-    // Namespaced objects cannot be dry-run into a namespace that does not
-    // exist yet (kubectl --dry-run=server has the same limit), so it comes first.
-    let namespace = manifests
-        .split("\n---\n")
-        .find(|d| d.contains("kind: Namespace"))
-        .context("no Namespace")?;
-    apply_yaml(&client, None, namespace, false).await?;
+    localship_namespace(&client, &manifests).await?;
     let dry = apply_yaml(&client, None, &manifests, true).await?;
     assert!(dry.len() >= 8, "only {} objects in deploy/", dry.len());
     let kinds: Vec<String> = dry
@@ -96,16 +180,7 @@ async fn deploy_applies_and_its_rbac_is_enough_for_the_agents() -> Result<()> {
     assert_eq!(class.provisioner, "localship.io/local-path");
 
     // The agents run as the DaemonSet would: with the ServiceAccount's token.
-    let sa = Api::<ServiceAccount>::namespaced(client.clone(), "localship");
-    let request: TokenRequest =
-        serde_json::from_value(json!({ "spec": { "expirationSeconds": 3600 } }))?;
-    let token: TokenRequest = sa
-        .create_subresource("token", "localship", &PostParams::default(), &request)
-        .await?;
-    let token = token.status.context("no token issued")?.token;
-    let dir = localship_tests::scratch_dir("deploy")?;
-    let kubeconfig = dir.join("localship-sa.kubeconfig");
-    write_token_kubeconfig(&kubeconfig, cp.server(), cp.ca_pem(), "localship", &token)?;
+    let kubeconfig = service_account_kubeconfig(cp, "localship", "localship").await?;
     let mut agents = Vec::new();
     for node in ["node-a", "node-b"] {
         agents.push(

@@ -5,7 +5,9 @@
 mod airflow_reader;
 mod coexist;
 mod common;
+mod dashboard;
 mod deploy;
+mod helm;
 mod logshipper;
 mod provisioner;
 mod shipper_volumes;

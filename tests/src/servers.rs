@@ -58,6 +58,34 @@ pub(crate) fn run_setup_script(script: &Path, what: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(line.trim()))
 }
 
+/// The `helm` CLI the chart tests run, built by `tests/servers/helm/build.sh`
+/// (its own Go module and cache, apart from the servers') once per process;
+/// `LOCALSHIP_HELM_BIN` overrides it.
+pub fn helm_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| locate_helm().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn locate_helm() -> Result<PathBuf> {
+    let path = match std::env::var("LOCALSHIP_HELM_BIN") {
+        Ok(path) => PathBuf::from(path),
+        Err(_) => run_setup_script(
+            &workspace_root().join("tests/servers/helm/build.sh"),
+            "building helm",
+        )?
+        .join("helm"),
+    };
+    if !path.is_file() {
+        bail!(
+            "{} is missing: run tests/servers/helm/build.sh",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Path of a real server binary such as `kube-apiserver` or `minio`.
 pub fn server_bin(name: &str) -> Result<PathBuf> {
     let path = server_bin_dir()?.join(name);
