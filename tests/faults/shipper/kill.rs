@@ -71,17 +71,10 @@ pub async fn run() -> Result<Tally> {
                 }
                 wrote = true;
             }
-            // MinIO lists multipart uploads per exact key.
             in_flight = false;
             for relative in large.keys().filter(|r| source.join(r).exists()) {
-                let listed = client
-                    .list_multipart_uploads()
-                    .bucket(BUCKET)
-                    .prefix(key(relative))
-                    .send()
-                    .await?;
                 // Only this run's: a killed run's upload stays listed.
-                in_flight |= listed.uploads().iter().any(|u| {
+                in_flight |= open_uploads(&client, relative).await?.iter().any(|u| {
                     u.initiated()
                         .and_then(|t| t.to_millis().ok())
                         .is_some_and(|t| t >= spawned_ms)
@@ -171,17 +164,26 @@ pub async fn run() -> Result<Tally> {
     // kill -9 cannot abort a multipart upload; its parts wait for a lifecycle rule.
     let mut dangling = 0;
     for relative in everything.keys().filter(|r| r.contains("task_id=big")) {
-        let listed = client
-            .list_multipart_uploads()
-            .bucket(BUCKET)
-            .prefix(key(relative))
-            .send()
-            .await?;
-        dangling += listed.uploads().len();
+        dangling += open_uploads(&client, relative).await?.len();
     }
     eprintln!("  {dangling} multipart uploads left by killed shippers (never visible as objects)");
     shipper.stop(Duration::from_secs(10));
     Ok(tally)
+}
+
+/// Multipart uploads begun and not completed or aborted under a log's key (MinIO lists
+/// them per exact key).
+async fn open_uploads(
+    client: &aws_sdk_s3::Client,
+    relative: &str,
+) -> Result<Vec<aws_sdk_s3::types::MultipartUpload>> {
+    let listed = client
+        .list_multipart_uploads()
+        .bucket(BUCKET)
+        .prefix(key(relative))
+        .send()
+        .await?;
+    Ok(listed.uploads().to_vec())
 }
 
 fn now_ms() -> i64 {
