@@ -23,6 +23,32 @@ pub struct Swept {
 }
 
 pub async fn sweep(ctx: &Context) -> Result<Swept> {
+    // Directories first, then PVs and claims: a directory made while the sweep runs is
+    // then either not seen or has a claim that the later list includes. The other order
+    // could take a volume being provisioned right now for an orphan.
+    let mut candidates = Vec::new();
+    for base in ctx.config.get().all_paths(&ctx.node) {
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Only names we make by default: `pvc-<uid>_<namespace>_<claim>`.
+            let Some(pv_name) = name
+                .split('_')
+                .next()
+                .filter(|p| p.starts_with("pvc-") && p.len() == 40)
+            else {
+                continue;
+            };
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                candidates.push((entry.path(), pv_name.to_owned()));
+            }
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(Swept::default());
+    }
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let owned: HashSet<PathBuf> = pvs
         .list(&ListParams::default().labels(&format!("{NODE_LABEL}={}", ctx.node)))
@@ -38,34 +64,18 @@ pub async fn sweep(ctx: &Context) -> Result<Swept> {
         .filter_map(|c| c.uid().map(|u| format!("pvc-{u}")))
         .collect();
     let mut swept = Swept::default();
-    for base in ctx.config.get().all_paths(&ctx.node) {
-        let Ok(entries) = std::fs::read_dir(&base) else {
+    for (path, pv_name) in candidates {
+        if owned.contains(&path) || pending.contains(&pv_name) {
             continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            // Only names we make by default: `pvc-<uid>_<namespace>_<claim>`.
-            let Some(pv_name) = name
-                .split('_')
-                .next()
-                .filter(|p| p.starts_with("pvc-") && p.len() == 40)
-            else {
-                continue;
-            };
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if !is_dir || owned.contains(&path) || pending.contains(pv_name) {
-                continue;
-            }
-            if std::fs::remove_dir(&path).is_ok() {
-                tracing::info!(path = %path.display(), "removed empty directory left without a PV");
-                ctx.metrics.orphans.with_label_values(&["removed"]).inc();
-                swept.removed += 1;
-            } else {
-                tracing::warn!(path = %path.display(), "directory has no PV and no claim but holds data; keeping it");
-                ctx.metrics.orphans.with_label_values(&["kept"]).inc();
-                swept.kept += 1;
-            }
+        }
+        if std::fs::remove_dir(&path).is_ok() {
+            tracing::info!(path = %path.display(), "removed empty directory left without a PV");
+            ctx.metrics.orphans.with_label_values(&["removed"]).inc();
+            swept.removed += 1;
+        } else {
+            tracing::warn!(path = %path.display(), "directory has no PV and no claim but holds data; keeping it");
+            ctx.metrics.orphans.with_label_values(&["kept"]).inc();
+            swept.kept += 1;
         }
     }
     Ok(swept)
