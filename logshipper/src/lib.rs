@@ -227,6 +227,7 @@ pub async fn run_with<D: Destination>(
         delete_after: args.delete_after,
         sweep_every: args.rescan,
         initial_sources: sources.as_ref().map_or(0, Sources::len),
+        max_tracked: pipeline::MAX_TRACKED,
     };
     let summary = Pipeline::new(ctx, metrics, settings, ok_rx, recheck, ready_tx)
         .report_drains(drains_tx)

@@ -3,7 +3,10 @@
 //! the destination is away, and keeps the backlog metrics and the `--once` progress line.
 //! A draining source (its volume is being deleted) ships at once and is reported when done.
 
+#[cfg(test)]
+mod backlog_tests;
 mod drain;
+mod seen;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -25,6 +28,7 @@ use crate::settle::Observation;
 use crate::ship::{self, Context, How, Job, Outcome};
 pub use drain::DrainReport;
 use drain::Drains;
+use seen::Seen;
 
 /// Retries of a file that failed, doubling up to a few minutes.
 const FILE_BACKOFF: Backoff = Backoff {
@@ -58,7 +62,13 @@ pub struct Settings {
     pub sweep_every: Duration,
     /// Sources whose first walk must finish before `--once` can end or the daemon is ready.
     pub initial_sources: usize,
+    /// Files followed at once (found and not shipped yet). At this many, discovery waits:
+    /// the rest of a large backlog stays on disk, not in memory, until some of it ships.
+    pub max_tracked: usize,
 }
+
+/// The default for [`Settings::max_tracked`]: about 4 MiB of bookkeeping.
+pub const MAX_TRACKED: usize = 10_000;
 
 /// (source id, path relative to the source root)
 type FileId = (String, String);
@@ -83,9 +93,11 @@ pub struct Pipeline<D> {
     entries: HashMap<FileId, Entry>,
     due: BinaryHeap<Reverse<(Instant, u64, FileId)>>,
     /// Files shipped or skipped, as they looked then: the same sighting again needs nothing.
-    settled: HashMap<FileId, FileStat>,
+    settled: Seen,
     sources: HashMap<String, Arc<Source>>,
     walks_left: usize,
+    /// Discovery has waited for the backlog at least once: as caught up as memory allows.
+    backlog_was_full: bool,
     running: JoinSet<Finished>,
     generation: u64,
     summary: Summary,
@@ -110,12 +122,13 @@ impl<D: Destination> Pipeline<D> {
         Self {
             force_at: settings.once.then(|| started + settings.settle),
             walks_left: settings.initial_sources,
+            backlog_was_full: false,
             ctx,
             metrics,
             settings,
             entries: HashMap::new(),
             due: BinaryHeap::new(),
-            settled: HashMap::new(),
+            settled: Seen::new(),
             sources: HashMap::new(),
             running: JoinSet::new(),
             generation: 0,
@@ -158,7 +171,14 @@ impl<D: Destination> Pipeline<D> {
             let wake = self.next_due().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = stop_requested(&mut stop) => break,
-                Some(event) = events.recv() => self.on_event(event),
+                Some(event) = events.recv(), if self.entries.len() < self.settings.max_tracked => {
+                    self.on_event(event);
+                    if self.entries.len() >= self.settings.max_tracked && !self.backlog_was_full {
+                        tracing::info!(files = self.entries.len(), "backlog is large; finding more files waits until some have shipped");
+                        self.backlog_was_full = true;
+                        self.publish_readiness();
+                    }
+                }
                 Some(done) = self.running.join_next(), if !self.running.is_empty() => {
                     self.on_done(done.expect("shipping tasks do not panic"));
                 }
@@ -195,6 +215,10 @@ impl<D: Destination> Pipeline<D> {
         if let Some(done) = sweeper.take() {
             self.summary.deleted += done.await.unwrap_or(0);
         }
+        // Retention below and the next start rely on committed records.
+        if let Err(e) = self.ctx.recorder.flush().await {
+            tracing::error!(error = %e, "cannot commit the last shipped files to the ledger; they are checked against the destination again after a restart");
+        }
         if self.settings.once && self.settings.delete_after.is_some() {
             self.summary.deleted += self.start_sweep().await.unwrap_or(0);
         }
@@ -214,7 +238,7 @@ impl<D: Destination> Pipeline<D> {
             } => self.on_found(source, relative, stat),
             Event::Gone { source, relative } => {
                 let id = (source.id.clone(), relative);
-                self.settled.remove(&id);
+                self.settled.remove(&id.0, &id.1);
                 if self.entries.get(&id).is_some_and(|e| !e.in_flight) {
                     self.entries.remove(&id);
                 }
@@ -242,14 +266,14 @@ impl<D: Destination> Pipeline<D> {
                 self.sources.remove(&source.id);
                 self.entries
                     .retain(|(id, _), e| *id != source.id || e.in_flight);
-                self.settled.retain(|(id, _), _| *id != source.id);
+                self.settled.remove_source(&source.id);
             }
         }
     }
 
     fn on_found(&mut self, source: Arc<Source>, relative: String, stat: FileStat) {
         let id = (source.id.clone(), relative);
-        if self.settled.get(&id) == Some(&stat) {
+        if self.settled.is(&id.0, &id.1, stat) {
             return;
         }
         let (now, wall) = (Instant::now(), SystemTime::now());
@@ -267,7 +291,7 @@ impl<D: Destination> Pipeline<D> {
         }
         match self.ctx.ledger.get(&source.id, &id.1) {
             Ok(Some(record)) if record.covers(stat, self.ctx.destination.id()) => {
-                self.settled.insert(id, stat);
+                self.settled.insert(&id.0, &id.1, stat);
                 self.summary.unchanged += 1;
                 self.metrics.skipped.with_label_values(&["unchanged"]).inc();
                 return;
@@ -364,7 +388,7 @@ impl<D: Destination> Pipeline<D> {
                 let unchanged_since = entry.obs.stat == shipped.stat;
                 self.count_shipped(&id.1, shipped.how, shipped.stat.size, elapsed);
                 tracing::info!(file = %file.display(), key = %shipped.key, how = ?shipped.how, bytes = shipped.stat.size, "shipped");
-                self.settled.insert(id.clone(), shipped.stat);
+                self.settled.insert(&id.0, &id.1, shipped.stat);
                 if unchanged_since {
                     self.entries.remove(&id);
                 } else {
@@ -385,7 +409,7 @@ impl<D: Destination> Pipeline<D> {
                     .with_label_values(&[reason.label()])
                     .inc();
                 *self.summary.skipped.entry(reason.label()).or_default() += 1;
-                self.settled.insert(id.clone(), entry.obs.stat);
+                self.settled.insert(&id.0, &id.1, entry.obs.stat);
                 self.entries.remove(&id);
             }
             Err(e) => {
@@ -437,7 +461,10 @@ impl<D: Destination> Pipeline<D> {
     }
 
     fn publish_readiness(&self) {
-        let ready = self.walks_left == 0 && *self.destination_ok.borrow();
+        // A backlog too large to follow at once must not hold readiness for as long as it
+        // takes to ship: the daemon is then doing what it is there for.
+        let caught_up = self.walks_left == 0 || self.backlog_was_full;
+        let ready = caught_up && *self.destination_ok.borrow();
         self.ready
             .send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }

@@ -350,7 +350,9 @@ mod tests {
                 relative: REL.into(),
                 expected,
             };
-            ship(&self.ctx, &job).await.unwrap()
+            let outcome = ship(&self.ctx, &job).await.unwrap();
+            self.ctx.recorder.flush().await.unwrap();
+            outcome
         }
 
         async fn shipped(&self, expected: FileStat) -> Shipped {

@@ -44,9 +44,19 @@ pub(super) struct Scan {
 impl Scan {
     pub(super) async fn run(self, rescan: Option<Duration>) {
         let (changes_tx, mut changes) = mpsc::channel(CHANGE_QUEUE);
-        // Kept alive for as long as this task runs; dropping it stops the watch.
-        let _watcher = rescan.and_then(|_| self.watch(changes_tx));
+        // Watching a large tree takes as long as walking it, so both run at once. A file made
+        // in a directory the walk has passed but the watch has not reached yet is found by
+        // the next rescan.
+        let watching = rescan.map(|_| {
+            let scan = self.clone();
+            tokio::task::spawn_blocking(move || scan.watch(changes_tx))
+        });
         self.walk_blocking(self.source.root.clone()).await;
+        // Kept alive for as long as this task runs; dropping it stops the watch.
+        let _watcher = match watching {
+            Some(watching) => watching.await.ok().flatten(),
+            None => None,
+        };
         if !self.source.removed.load(Ordering::SeqCst) {
             let done = Event::WalkDone {
                 source: self.source.clone(),

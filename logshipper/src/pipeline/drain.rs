@@ -80,9 +80,10 @@ mod tests {
         };
         write(TASK, b"running\n");
         let ledger = Ledger::open(&dir.path().join("ledger.redb")).unwrap();
+        let recorder = ledger.recorder();
         let ctx = Arc::new(Context {
             destination: FileDestination::new(&out).unwrap(),
-            recorder: ledger.recorder(),
+            recorder: recorder.clone(),
             ledger,
         });
         let settings = Settings {
@@ -92,6 +93,7 @@ mod tests {
             delete_after: None,
             sweep_every: HOUR,
             initial_sources: 1,
+            max_tracked: 100,
         };
         let (ok_tx, ok_rx) = watch::channel(true);
         let (ready_tx, _ready) = watch::channel(false);
@@ -137,6 +139,7 @@ mod tests {
         assert_eq!(std::fs::read(other).unwrap(), b"other\n");
 
         // Drained again, everything is in the ledger: reported without shipping anything.
+        recorder.flush().await.unwrap();
         std::fs::remove_dir_all(&out).unwrap();
         let again = sources.drain(&logs).await.unwrap();
         let reported = tokio::time::timeout(Duration::from_secs(10), reports.recv())
