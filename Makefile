@@ -26,6 +26,10 @@ e2e: servers build
 faults: servers build
 	$(CARGO) test --release --locked -p localship-tests --test faults
 
+## Every benchmark, each printing its table with ratios against its anchor (an hour).
+bench: servers build
+	$(CARGO) bench --locked -p localship-tests
+
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings

@@ -1,34 +1,40 @@
-//! Provisioning latency on the real control plane: a burst of N claims (each
-//! with a pod) bound by localship's agents, beside the same cluster binding
-//! N claims to N pre-created static PVs (the anchor). Prints a table.
+//! Provisioning on the real control plane, beside the same cluster binding pre-created
+//! static PVs (the anchor) in the same run:
+//! - P1/P2: bursts of N claims (each with a pod) on 2 nodes, created -> Bound, p50/p99/max,
+//!   and the provision operations that did not succeed (must be none);
+//! - P3: each agent's resident memory idle with 1000 of its PVs in the cluster, and one
+//!   agent restarted over them (time to ready, memory after its start-up sweep).
 //!
-//! `cargo bench -p localship-tests --bench provision` (N from
-//! LOCALSHIP_BENCH_CLAIMS, default 100).
+//! `cargo bench -p localship-tests --bench provision` (burst sizes from
+//! LOCALSHIP_BENCH_CLAIMS, default `200,500`; idle PVs from LOCALSHIP_BENCH_IDLE_PVS,
+//! default 1000).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
-use localship_tests::claims::create_claim_with_pod;
+use localship_tests::bench::{env_or, mib, pct, proc_kib};
+use localship_tests::claims::{create_claim_with_pod, pvs_in, wait_all_bound};
 use localship_tests::{apply_yaml, control_plane, ProvisionerAgent, NODES};
 use serde_json::json;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let n: usize = std::env::var("LOCALSHIP_BENCH_CLAIMS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let sizes: Vec<usize> = env_or::<String>("LOCALSHIP_BENCH_CLAIMS", "200,500".into())
+        .split(',')
+        .map(|n| n.trim().parse())
+        .collect::<Result<_, _>>()?;
+    let idle_pvs: usize = env_or("LOCALSHIP_BENCH_IDLE_PVS", 1000);
     let cp = control_plane()?;
     let client = cp.client().await?;
     let ns = cp.namespace("bench").await?;
     let provisioner = format!("{ns}.bench.localship.io/local-path");
-    let a = ProvisionerAgent::start(cp, NODES[0], &provisioner, &[]).await?;
+    let mut a = ProvisionerAgent::start(cp, NODES[0], &provisioner, &[]).await?;
     let b = ProvisionerAgent::start(cp, NODES[1], &provisioner, &[]).await?;
     let classes = format!(
         r#"
@@ -47,54 +53,153 @@ reclaimPolicy: Delete
 "#
     );
     apply_yaml(&client, None, &classes, false).await?;
-
-    // Anchor: N static PVs, half per node, then the same burst of claims.
-    let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let scratch = localship_tests::scratch_dir("static-pvs")?;
-    for i in 0..n {
-        let node = NODES[i % 2];
-        let pv: PersistentVolume = serde_json::from_value(json!({
-            "metadata": { "name": format!("{ns}-static-{i}") },
-            "spec": {
-                "capacity": { "storage": "1Gi" },
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": format!("{ns}-static"),
-                "persistentVolumeReclaimPolicy": "Retain",
-                "hostPath": { "path": scratch.join(i.to_string()).display().to_string(), "type": "DirectoryOrCreate" },
-                "nodeAffinity": { "required": { "nodeSelectorTerms": [{ "matchExpressions": [
-                    { "key": "kubernetes.io/hostname", "operator": "In", "values": [node] }
-                ] }] } }
-            }
-        }))?;
-        pvs.create(&PostParams::default(), &pv).await?;
-    }
-    let anchor = burst(&client, &ns, "static", &format!("{ns}-static"), n).await?;
-    let ours = burst(&client, &ns, "dyn", &format!("{ns}-localship"), n).await?;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
 
-    let row = |name: &str, f: fn(&[Duration]) -> Duration| {
-        let (x, y) = (f(&anchor), f(&ours));
-        println!(
-            "| {name:<22} | {:>10.1} | {:>10.1} | {:>6.2}x |",
+    for (round, &n) in sizes.iter().enumerate() {
+        // Anchor: N static PVs, half per node, then the same burst of claims.
+        for i in 0..n {
+            let node = NODES[i % 2];
+            let path = scratch.join(format!("{round}-{i}"));
+            let pv: PersistentVolume = serde_json::from_value(json!({
+                "metadata": { "name": format!("{ns}-static-{round}-{i}") },
+                "spec": {
+                    "capacity": { "storage": "1Gi" },
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": format!("{ns}-static"),
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": { "path": path.display().to_string(), "type": "DirectoryOrCreate" },
+                    "nodeAffinity": { "required": { "nodeSelectorTerms": [{ "matchExpressions": [
+                        { "key": "kubernetes.io/hostname", "operator": "In", "values": [node] }
+                    ] }] } }
+                }
+            }))?;
+            pvs.create(&PostParams::default(), &pv).await?;
+        }
+        let failed_before = failed_provisions(&[&a, &b])?;
+        let anchor = burst(
+            &client,
+            &ns,
+            &format!("static{round}"),
+            &format!("{ns}-static"),
+            n,
+        )
+        .await?;
+        let ours = burst(
+            &client,
+            &ns,
+            &format!("dyn{round}"),
+            &format!("{ns}-localship"),
+            n,
+        )
+        .await?;
+        let failed = failed_provisions(&[&a, &b])? - failed_before;
+        println!("{}", table(n, &anchor, &ours, failed));
+    }
+
+    // P3: top the cluster up to `idle_pvs` of our PVs, let the agents go idle, read memory.
+    let ours_now = sizes.iter().sum::<usize>();
+    for i in ours_now..idle_pvs {
+        let class = format!("{ns}-localship");
+        create_claim_with_pod(
+            &client,
+            &ns,
+            &format!("idle-{i}"),
+            &class,
+            "1Gi",
+            None,
+            json!({}),
+        )
+        .await?;
+    }
+    let total_claims = sizes.iter().sum::<usize>() * 2 + idle_pvs.saturating_sub(ours_now);
+    wait_all_bound(&client, &ns, total_claims, Duration::from_secs(900)).await?;
+    let ours_pvs = pvs_in(&client, &ns)
+        .await?
+        .iter()
+        .filter(|pv| {
+            pv.spec
+                .as_ref()
+                .and_then(|s| s.storage_class_name.as_deref())
+                == Some(&format!("{ns}-localship"))
+        })
+        .count();
+    ensure!(ours_pvs >= idle_pvs, "only {ours_pvs} localship PVs");
+    // Idle: past the agents' periodic return of freed heap (every 15 s).
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let idle: Vec<(String, u64)> = [&a, &b]
+        .iter()
+        .map(|agent| {
+            Ok((
+                agent.node.to_string(),
+                proc_kib(agent.pid().unwrap_or_default(), "VmRSS")?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let started = Instant::now();
+    a.restart().await?;
+    let ready = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let restarted = proc_kib(a.pid().unwrap_or_default(), "VmRSS")?;
+
+    let total_pvs = pvs.list(&Default::default()).await?.items.len();
+    println!("\nP3: agents idle with {ours_pvs} localship PVs ({total_pvs} PVs in the cluster)");
+    println!("| agent            | RSS MiB |");
+    println!("|------------------|---------|");
+    for (node, kib) in idle {
+        println!("| {node:<16} | {:>7.1} |", mib(kib));
+    }
+    println!(
+        "| {:<16} | {:>7.1} |",
+        format!("{} restarted", a.node),
+        mib(restarted)
+    );
+    println!(
+        "restarted agent ready (start-up sweep over {ours_pvs} PVs done) in {:.2} s",
+        ready.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// One burst's table: latencies of the anchor and ours, with ratios.
+fn table(n: usize, anchor: &[Duration], ours: &[Duration], failed: u64) -> String {
+    let row = |name: &str, f: &dyn Fn(&[Duration]) -> Duration| {
+        let (x, y) = (f(anchor), f(ours));
+        format!(
+            "| {name:<22} | {:>10.1} | {:>10.1} | {:>6.2}x |\n",
             ms(x),
             ms(y),
             y.as_secs_f64() / x.as_secs_f64().max(1e-9)
-        );
+        )
     };
-    println!("\nprovision latency, {n} claims with pods in one burst, created -> Bound (ms)");
-    println!("| measure                | static PVs | localship  | ratio   |");
-    println!("|------------------------|------------|------------|---------|");
-    row("p50", |d| pct(d, 50.0));
-    row("p99", |d| pct(d, 99.0));
-    row("max", |d| *d.iter().max().unwrap());
-    for agent in [&a, &b] {
-        let rss = rss_kib(agent.pid().unwrap_or_default())?;
-        println!(
-            "agent {} RSS after the burst: {:.1} MiB",
-            agent.node,
-            rss as f64 / 1024.0
-        );
+    let mut t =
+        format!("\nprovision latency, {n} claims with pods in one burst, created -> Bound (ms)\n");
+    t += "| measure                | static PVs | localship  | ratio   |\n";
+    t += "|------------------------|------------|------------|---------|\n";
+    t += &row("p50", &|d| pct(d, 50.0));
+    t += &row("p99", &|d| pct(d, 99.0));
+    t += &row("max", &|d| *d.iter().max().unwrap());
+    t += &format!("provision operations that did not succeed: {failed}");
+    t
+}
+
+/// Provision operations, over all `agents`, whose result was not `success`.
+fn failed_provisions(agents: &[&ProvisionerAgent]) -> Result<u64> {
+    let mut failed = 0.0;
+    for agent in agents {
+        failed += agent
+            .metrics()?
+            .lines()
+            .filter(|l| {
+                l.starts_with(
+                    r#"localship_provisioner_operations_total{operation="provision",result=""#,
+                )
+            })
+            .filter(|l| !l.contains(r#"result="success""#))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
     }
-    Ok(())
+    Ok(failed as u64)
 }
 
 /// Creates `n` claims of `class` with a pod each, as fast as the API takes
@@ -117,12 +222,13 @@ async fn burst(
         create_claim_with_pod(client, ns, &name, class, "1Gi", None, json!({})).await?;
     }
     let mut latencies = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let wait = Duration::from_secs(300.max(2 * n as u64));
+    let deadline = Instant::now() + wait;
     while latencies.len() < n {
         let next = tokio::time::timeout_at(deadline.into(), bound.try_next()).await;
         let Ok(Ok(Some(claim))) = next else {
             bail!(
-                "only {} of {n} `{prefix}` claims bound within 300 s",
+                "only {} of {n} `{prefix}` claims bound within {wait:?}",
                 latencies.len()
             );
         };
@@ -137,24 +243,6 @@ async fn burst(
     Ok(all)
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap_or("VmRSS: 0 kB");
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
 }

@@ -1,7 +1,8 @@
 //! Shipping throughput against a real MinIO, beside `mc` in the same run:
 //! S1 many small logs (`mc mirror` as the anchor), S2 one large file
 //! (`mc cp`). Prints a table of wall time, files/s or MB/s, CPU seconds and
-//! peak RSS, with ratios.
+//! peak RSS, with ratios, and the CPU MinIO spent serving each run (on a small
+//! machine the server, not the client, sets the pace).
 //!
 //! `cargo bench -p localship-tests --bench ship` (LOCALSHIP_BENCH_FILES,
 //! default 10000; LOCALSHIP_BENCH_BIG_MIB, default 2048).
@@ -9,57 +10,13 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
+use localship_tests::bench::{env_or, measure, process_cpu, Run};
 use localship_tests::minio::{ACCESS_KEY, SECRET_KEY};
 use localship_tests::servers::{localship_bin, server_bin};
 use localship_tests::{scratch_dir, Minio};
-use nix::sys::resource::{getrusage, UsageWho};
-
-struct Run {
-    wall: Duration,
-    cpu: Duration,
-    peak_rss_mib: f64,
-}
-
-/// Runs a command to completion, measuring wall time, CPU time (user + system,
-/// from the kernel's accounting of reaped children) and peak RSS (sampled).
-fn measure(cmd: &mut Command) -> Result<Run> {
-    let cpu_before = children_cpu()?;
-    let start = Instant::now();
-    let mut child = cmd.stdout(std::process::Stdio::null()).spawn()?;
-    let mut peak = 0u64;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if let Ok(s) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
-            if let Some(kib) = s
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            {
-                peak = peak.max(kib);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let wall = start.elapsed();
-    ensure!(status.success(), "{cmd:?} failed: {status}");
-    Ok(Run {
-        wall,
-        cpu: children_cpu()? - cpu_before,
-        peak_rss_mib: peak as f64 / 1024.0,
-    })
-}
-
-fn children_cpu() -> Result<Duration> {
-    let u = getrusage(UsageWho::RUSAGE_CHILDREN)?;
-    let d =
-        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
-    Ok(d(u.user_time()) + d(u.system_time()))
-}
 
 /// Sizes spread evenly on a log scale from 1 KiB to 1 MiB, as task logs are:
 /// most small, some large. Deterministic, so every run ships the same tree.
@@ -104,6 +61,14 @@ fn shipper(minio: &Minio, source: &Path, bucket: &str, ledger: &Path) -> Result<
     Ok(cmd)
 }
 
+/// Runs `cmd` like [`measure`], also returning the CPU time MinIO spent meanwhile.
+fn served(minio: &Minio, cmd: &mut Command) -> Result<(Run, Duration)> {
+    let pid = minio.pid().context("MinIO is not running")?;
+    let before = process_cpu(pid)?;
+    let run = measure(cmd)?;
+    Ok((run, process_cpu(pid)? - before))
+}
+
 fn mc(minio: &Minio, args: &[String]) -> Result<Command> {
     let mut cmd = Command::new(server_bin("mc")?);
     let host = minio
@@ -117,14 +82,8 @@ fn mc(minio: &Minio, args: &[String]) -> Result<Command> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let files: usize = std::env::var("LOCALSHIP_BENCH_FILES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let big_mib: usize = std::env::var("LOCALSHIP_BENCH_BIG_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2048);
+    let files: usize = env_or("LOCALSHIP_BENCH_FILES", 10_000);
+    let big_mib: usize = env_or("LOCALSHIP_BENCH_BIG_MIB", 2048);
     let minio = Minio::start().await?;
     for b in ["ours-small", "mc-small", "ours-big", "mc-big"] {
         minio.create_bucket(b).await?;
@@ -133,20 +92,26 @@ async fn main() -> Result<()> {
     let small = work.join("small");
     let bytes = small_logs(&small, files)?;
     std::thread::sleep(Duration::from_millis(1500)); // all settled at start
-    let ours = measure(&mut shipper(
+    let ours = served(
         &minio,
-        &small,
-        "ours-small",
-        &work.join("ledger-small.redb"),
-    )?)?;
-    let anchor = measure(&mut mc(
+        &mut shipper(
+            &minio,
+            &small,
+            "ours-small",
+            &work.join("ledger-small.redb"),
+        )?,
+    )?;
+    let anchor = served(
         &minio,
-        &[
-            "mirror".into(),
-            small.display().to_string(),
-            "bench/mc-small/logs".into(),
-        ],
-    )?)?;
+        &mut mc(
+            &minio,
+            &[
+                "mirror".into(),
+                small.display().to_string(),
+                "bench/mc-small/logs".into(),
+            ],
+        )?,
+    )?;
     ensure!(
         minio.list_keys("ours-small").await?.len() == files,
         "not every small log shipped"
@@ -164,56 +129,59 @@ async fn main() -> Result<()> {
         }
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let ours_big = measure(&mut shipper(
+    let ours_big = served(
         &minio,
-        &big,
-        "ours-big",
-        &work.join("ledger-big.redb"),
-    )?)?;
-    let anchor_big = measure(&mut mc(
+        &mut shipper(&minio, &big, "ours-big", &work.join("ledger-big.redb"))?,
+    )?;
+    let anchor_big = served(
         &minio,
-        &[
-            "cp".into(),
-            big_file.display().to_string(),
-            "bench/mc-big/dump.log".into(),
-        ],
-    )?)?;
+        &mut mc(
+            &minio,
+            &[
+                "cp".into(),
+                big_file.display().to_string(),
+                "bench/mc-big/dump.log".into(),
+            ],
+        )?,
+    )?;
 
-    let rate = |n: f64, r: &Run| n / r.wall.as_secs_f64();
+    let rate = |n: f64, r: &(Run, Duration)| n / r.0.wall.as_secs_f64();
     println!(
         "\nS1: {files} logs, {:.0} MiB total, 1 KiB–1 MiB (log-uniform)",
         bytes as f64 / 1048576.0
     );
-    println!("| tool                  | wall s | files/s | CPU s  | peak RSS MiB |");
-    println!("|-----------------------|--------|---------|--------|--------------|");
+    println!("| tool                  | wall s | files/s | CPU s  | peak RSS MiB | MinIO CPU s |");
+    println!("|-----------------------|--------|---------|--------|--------------|-------------|");
     for (name, r) in [("localship --once", &ours), ("mc mirror (anchor)", &anchor)] {
         println!(
-            "| {name:<21} | {:>6.1} | {:>7.0} | {:>6.1} | {:>12.1} |",
-            r.wall.as_secs_f64(),
+            "| {name:<21} | {:>6.1} | {:>7.0} | {:>6.1} | {:>12.1} | {:>11.1} |",
+            r.0.wall.as_secs_f64(),
             rate(files as f64, r),
-            r.cpu.as_secs_f64(),
-            r.peak_rss_mib
+            r.0.cpu.as_secs_f64(),
+            r.0.peak_rss_mib,
+            r.1.as_secs_f64()
         );
     }
     println!(
         "ratio: files/s {:.2}x, CPU {:.2}x",
         rate(files as f64, &ours) / rate(files as f64, &anchor),
-        ours.cpu.as_secs_f64() / anchor.cpu.as_secs_f64().max(1e-9)
+        ours.0.cpu.as_secs_f64() / anchor.0.cpu.as_secs_f64().max(1e-9)
     );
     println!("\nS2: one {big_mib} MiB file");
-    println!("| tool                  | wall s | MB/s    | CPU s  | peak RSS MiB |");
-    println!("|-----------------------|--------|---------|--------|--------------|");
+    println!("| tool                  | wall s | MB/s    | CPU s  | peak RSS MiB | MinIO CPU s |");
+    println!("|-----------------------|--------|---------|--------|--------------|-------------|");
     let mb = big_mib as f64 * 1.048576;
     for (name, r) in [
         ("localship --once", &ours_big),
         ("mc cp (anchor)", &anchor_big),
     ] {
         println!(
-            "| {name:<21} | {:>6.1} | {:>7.1} | {:>6.1} | {:>12.1} |",
-            r.wall.as_secs_f64(),
+            "| {name:<21} | {:>6.1} | {:>7.1} | {:>6.1} | {:>12.1} | {:>11.1} |",
+            r.0.wall.as_secs_f64(),
             rate(mb, r),
-            r.cpu.as_secs_f64(),
-            r.peak_rss_mib
+            r.0.cpu.as_secs_f64(),
+            r.0.peak_rss_mib,
+            r.1.as_secs_f64()
         );
     }
     println!(

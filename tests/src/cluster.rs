@@ -327,7 +327,7 @@ impl ControlPlane {
             nodes.create(&PostParams::default(), &node).await?;
             let now = chrono_now();
             let resources = json!({
-                "cpu": "8", "memory": "32Gi", "pods": "250", "ephemeral-storage": "100Gi"
+                "cpu": "8", "memory": "32Gi", "pods": "1000", "ephemeral-storage": "100Gi"
             });
             let status = json!({
                 "status": {

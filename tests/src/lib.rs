@@ -6,6 +6,7 @@
 pub mod agents;
 pub mod airflow;
 pub mod apply;
+pub mod bench;
 pub mod certs;
 pub mod claims;
 pub mod cluster;

@@ -52,6 +52,11 @@ impl Minio {
         ]
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::pid)
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.dir
     }
