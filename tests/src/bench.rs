@@ -1,5 +1,5 @@
-//! What the benchmarks share: their knobs from the environment, percentiles, memory from
-//! /proc, and wall/CPU/peak-memory accounting of a command run to completion.
+//! What the benchmarks (and the fault suite) share: knobs from the environment, percentiles,
+//! memory from /proc, and wall/CPU/peak-memory accounting of a command run to completion.
 
 use std::process::Command;
 use std::str::FromStr;

@@ -229,13 +229,7 @@ impl ShipperAgent {
     /// Resident memory of the running daemon, in bytes, from /proc/<pid>/status.
     pub fn rss_bytes(&self) -> Result<u64> {
         let pid = self.pid().context("the shipper is not running")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("no VmRSS in /proc/<pid>/status")?;
-        Ok(kib * 1024)
+        Ok(crate::bench::proc_kib(pid, "VmRSS")? * 1024)
     }
 
     /// The last `lines` lines of the shipper's log (every start appends to one file).
