@@ -9,7 +9,7 @@ use crate::destination::{Destination, DestinationError, LocalContent, ObjectInfo
 use crate::discover::{SkipReason, Source};
 use crate::key::object_key;
 use crate::ledger::{now_ms, Ledger, Record, Recorder};
-use crate::local_file::{hash_or_load, open_beneath, sha256_prefix, FileStat, OpenError};
+use crate::local_file::{hash_for_upload, open_beneath, sha256_prefix, Extra, FileStat, OpenError};
 use crate::{Error, Result};
 
 /// What shipping needs, shared by all shipments.
@@ -82,16 +82,22 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
     }
     let file = Arc::new(file);
     let limit = ctx.destination.in_memory_limit();
+    let part_size = ctx.destination.part_size(stat.size);
     let hashed = {
         let file = file.clone();
-        blocking(move || hash_or_load(&file, stat.size, limit)).await
+        blocking(move || hash_for_upload(&file, stat.size, limit, part_size)).await
     };
-    let (sha256, data) = match hashed {
+    let (sha256, extra) = match hashed {
         Ok(sha) => sha,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             return Ok(Outcome::Changed(current_stat(&file).unwrap_or(stat)));
         }
         Err(source) => return Err(Error::Read { path, source }),
+    };
+    let (data, parts) = match extra {
+        Extra::Nothing => (None, None),
+        Extra::Data(data) => (Some(data), None),
+        Extra::Parts(parts) => (None, Some(parts)),
     };
     let content = LocalContent {
         file,
@@ -99,6 +105,7 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         size: stat.size,
         sha256,
         data,
+        parts,
     };
     let dest = &ctx.destination;
     let previous = ctx

@@ -5,6 +5,7 @@
 mod hostile;
 mod kill;
 mod outage;
+mod rewritten;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -179,6 +179,7 @@ mod tests {
             size: bytes.len() as u64,
             sha256: hex::encode(Sha256::digest(bytes)),
             data: None,
+            parts: None,
         }
     }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::key::normalize_prefix;
+use crate::local_file::Parts;
 
 /// Metadata key holding the SHA-256 (hex) of an object we wrote, so `head` can compare
 /// contents without downloading (sent as `x-amz-meta-localship-sha256`).
@@ -40,6 +41,8 @@ pub struct LocalContent {
     /// The same bytes, when the file was small enough to be read into memory once; they are
     /// the bytes `sha256` was computed from, so writing them needs no second read or hash.
     pub data: Option<Bytes>,
+    /// Part checksums from the same read, when the file goes in parts.
+    pub parts: Option<Parts>,
 }
 
 /// An object store. Objects appear whole under their key or not at all.
@@ -90,6 +93,12 @@ pub trait Destination: Send + Sync + 'static {
     /// Files smaller than this are read into memory once, hashed and written from there.
     fn in_memory_limit(&self) -> u64 {
         0
+    }
+
+    /// Size of the parts a file of `size` bytes is sent in, if it is sent in parts; their
+    /// checksums are then computed in the read that hashes the file.
+    fn part_size(&self, _size: u64) -> Option<u64> {
+        None
     }
 }
 

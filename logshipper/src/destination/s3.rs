@@ -1,9 +1,10 @@
 //! `s3://bucket/prefix`: AWS S3 or anything that speaks it (MinIO), via aws-sdk-s3.
 //!
 //! Credentials come from the standard chain (environment, shared config and profiles, web
-//! identity, container and instance roles). Every upload carries a SHA-256 the server checks
-//! before it accepts the bytes (`x-amz-checksum-sha256`, per part for multipart uploads), and
-//! the file's SHA-256 as metadata so later `head` calls can compare without downloading.
+//! identity, container and instance roles). Every upload carries a checksum the server checks
+//! before it accepts the bytes (SHA-256 for a single PUT, CRC-64/NVME per part for a multipart
+//! upload), and the file's SHA-256 as metadata so later `head` calls can compare without
+//! downloading.
 //! A single PUT is atomic; a multipart upload becomes visible only when completed, and is
 //! aborted on failure, so no half object ever appears under a key.
 
@@ -303,6 +304,10 @@ impl Destination for S3Destination {
 
     fn in_memory_limit(&self) -> u64 {
         self.settings.multipart_threshold
+    }
+
+    fn part_size(&self, size: u64) -> Option<u64> {
+        self.multipart_part_size(size)
     }
 }
 

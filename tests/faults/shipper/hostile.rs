@@ -18,10 +18,10 @@ const RUN: &str = "dag_id=hostile/run_id=manual__2024-05-01T10:00:00+00:00";
 const SECRET: &[u8] = b"root:x:0:0:root:/root:/bin/bash\n";
 
 /// Counts the rows and says how each went.
-struct Rows(Tally);
+pub(super) struct Rows(Tally);
 
 impl Rows {
-    fn row(&mut self, name: &str, ok: bool, detail: &str) {
+    pub(super) fn row(&mut self, name: &str, ok: bool, detail: &str) {
         self.0.rounds += 1;
         self.0.faults += 1;
         if ok {
@@ -41,6 +41,7 @@ pub async fn run() -> Result<Tally> {
     files(&minio, &mut rows).await?;
     missing_bucket(&minio, &mut rows).await?;
     refused(&minio, &mut rows).await?;
+    super::rewritten::run(&minio, &mut rows).await?;
     Ok(rows.0)
 }
 

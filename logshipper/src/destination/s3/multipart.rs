@@ -1,20 +1,25 @@
-//! Multipart uploads: parts read from disk in order and sent a few at a time, each with its
-//! own SHA-256; the upload is completed only if every part arrived and the bytes read still
-//! hash to the file's SHA-256, and aborted otherwise.
+//! Multipart uploads: parts streamed from disk in order and sent a few at a time, each with
+//! the CRC-64/NVME computed when the file was hashed. The server refuses a part whose bytes do
+//! not match, so a file changed since it was hashed cannot be stored under its hash; the
+//! upload is completed only if every part arrived, and aborted otherwise.
 
-use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
-use base64::Engine;
-use sha2::{Digest, Sha256};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use std::os::fd::AsRawFd;
+
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart};
+use crc_fast::CrcAlgorithm;
 use tokio::task::JoinSet;
 
 use super::{base64, blocking_read, S3Destination, MIN_PART_SIZE};
 use crate::destination::{DestinationError, LocalContent, ObjectInfo, SHA256_METADATA};
-use crate::local_file::read_at;
+use crate::local_file::{hash_for_upload, Extra, Parts};
 
 /// Most parts S3 accepts in one multipart upload.
 const MAX_PARTS: u64 = 10_000;
+
+/// Read size when streaming a part from disk.
+const STREAM_CHUNK: usize = 256 << 10;
 
 type PartResult = (
     u64,
@@ -26,40 +31,48 @@ type PartResult = (
 );
 
 impl S3Destination {
+    /// Part size for a file of `size` bytes, if it goes in parts.
+    pub(super) fn multipart_part_size(&self, size: u64) -> Option<u64> {
+        (size >= self.settings.multipart_threshold)
+            .then(|| part_plan(size, self.settings.part_size).0)
+    }
+
     pub(super) async fn put_multipart(
         &self,
         key: &str,
         content: &LocalContent,
     ) -> Result<ObjectInfo, DestinationError> {
+        let parts = self.parts_of(content).await?;
+        let whole = base64(&whole_crc64(&parts, content.size).to_be_bytes());
         let created = self
             .client
             .create_multipart_upload()
             .bucket(self.bucket())
             .key(key)
-            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+            .checksum_type(ChecksumType::FullObject)
             .metadata(SHA256_METADATA, &content.sha256)
             .send()
             .await
             .map_err(|e| self.classify("CreateMultipartUpload", key, e))?;
         let upload_id = created.upload_id().unwrap_or_default().to_owned();
-        let mut composite = None;
-        let completed = match self.upload_parts(key, &upload_id, content).await {
-            Ok(parts) => {
-                composite = Some(composite_checksum(&parts));
-                self.client
-                    .complete_multipart_upload()
-                    .bucket(self.bucket())
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(parts))
-                            .build(),
-                    )
-                    .send()
-                    .await
-                    .map_err(|e| self.classify("CompleteMultipartUpload", key, e))
-            }
+        let completed = match self.upload_parts(key, &upload_id, content, &parts).await {
+            Ok(sent) => self
+                .client
+                .complete_multipart_upload()
+                .bucket(self.bucket())
+                .key(key)
+                .upload_id(&upload_id)
+                .checksum_type(ChecksumType::FullObject)
+                .checksum_crc64_nvme(&whole)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(sent))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| self.classify("CompleteMultipartUpload", key, e)),
             Err(e) => Err(e),
         };
         match completed {
@@ -68,10 +81,10 @@ impl S3Destination {
                 sha256: Some(content.sha256.clone()),
                 etag: out.e_tag().map(str::to_owned),
                 version_id: out.version_id().map(str::to_owned),
-                // Every part was checked against its SHA-256 on arrival and the bytes read
-                // hashed to the file's; the checksum of the part checksums shows the object
-                // is exactly those parts in that order.
-                confirmed: composite.is_some() && out.checksum_sha256() == composite.as_deref(),
+                // Every part was checked on arrival against the checksum of the bytes that
+                // were hashed, and the whole object's checksum shows it is exactly those
+                // parts in that order.
+                confirmed: out.checksum_crc64_nvme() == Some(whole.as_str()),
             }),
             Err(e) => {
                 self.abort(key, &upload_id).await;
@@ -80,19 +93,41 @@ impl S3Destination {
         }
     }
 
-    /// Reads parts in order (hashing the whole file on the way, to catch a change) and uploads
-    /// them concurrently; each part holds a request permit from read to upload.
+    /// The part checksums from the read that hashed the file, or, when that read did not
+    /// compute them for this plan, from a new read that must hash the same.
+    async fn parts_of(&self, content: &LocalContent) -> Result<Parts, DestinationError> {
+        let (part_size, count) = part_plan(content.size, self.settings.part_size);
+        if let Some(parts) = &content.parts {
+            if parts.size == part_size && parts.crc64.len() as u64 == count {
+                return Ok(parts.clone());
+            }
+        }
+        let (file, size) = (content.file.clone(), content.size);
+        let (sha, extra) = blocking_read(content, move || {
+            hash_for_upload(&file, size, 0, Some(part_size))
+        })
+        .await?;
+        match extra {
+            Extra::Parts(parts) if sha == content.sha256 => Ok(parts),
+            _ => Err(DestinationError::FileChanged {
+                path: content.path.clone(),
+            }),
+        }
+    }
+
+    /// Reads parts in order and uploads them concurrently; each part holds a request permit
+    /// from read to upload.
     async fn upload_parts(
         &self,
         key: &str,
         upload_id: &str,
         content: &LocalContent,
+        parts: &Parts,
     ) -> Result<Vec<CompletedPart>, DestinationError> {
-        let (part_size, count) = part_plan(content.size, self.settings.part_size);
-        let mut whole = Sha256::new();
         let mut running = JoinSet::new();
-        let mut parts = Vec::with_capacity(count as usize);
-        for number in 1..=count {
+        let mut sent = Vec::with_capacity(parts.crc64.len());
+        for (index, crc) in parts.crc64.iter().enumerate() {
+            let number = index as u64 + 1;
             let permit = self
                 .requests
                 .clone()
@@ -100,20 +135,12 @@ impl S3Destination {
                 .await
                 .expect("never closed");
             while let Some(done) = running.try_join_next() {
-                parts.push(self.finish_part(key, done)?);
+                sent.push(self.finish_part(key, content, done)?);
             }
-            let offset = (number - 1) * part_size;
-            let len = part_size.min(content.size - offset) as usize;
-            let file = content.file.clone();
-            let (data, sha, hashed) = blocking_read(content, move || {
-                let data = read_at(&file, offset, len)?;
-                whole.update(&data);
-                let sha = Sha256::digest(&data);
-                Ok((data, sha, whole))
-            })
-            .await?;
-            whole = hashed;
-            let checksum = base64(&sha);
+            let offset = index as u64 * parts.size;
+            let len = parts.size.min(content.size - offset);
+            let body = part_body(content, offset, len).await?;
+            let checksum = base64(&crc.to_be_bytes());
             let request = self
                 .client
                 .upload_part()
@@ -122,8 +149,8 @@ impl S3Destination {
                 .upload_id(upload_id)
                 .part_number(number as i32)
                 .content_length(len as i64)
-                .checksum_sha256(&checksum)
-                .body(ByteStream::from(data))
+                .checksum_crc64_nvme(&checksum)
+                .body(body)
                 .customize()
                 .disable_payload_signing();
             running.spawn(async move {
@@ -132,31 +159,36 @@ impl S3Destination {
             });
         }
         while let Some(done) = running.join_next().await {
-            parts.push(self.finish_part(key, done)?);
+            sent.push(self.finish_part(key, content, done)?);
         }
-        if hex::encode(whole.finalize()) != content.sha256 {
-            return Err(DestinationError::FileChanged {
-                path: content.path.clone(),
-            });
-        }
-        parts.sort_by_key(|p| p.part_number());
-        Ok(parts)
+        sent.sort_by_key(|p| p.part_number());
+        Ok(sent)
     }
 
     fn finish_part(
         &self,
         key: &str,
+        content: &LocalContent,
         done: Result<PartResult, tokio::task::JoinError>,
     ) -> Result<CompletedPart, DestinationError> {
         let (number, checksum, sent) = done.map_err(|e| DestinationError::Io {
             path: key.into(),
             source: std::io::Error::other(e),
         })?;
-        let out = sent.map_err(|e| self.classify("UploadPart", key, e))?;
+        let out = match sent {
+            Ok(out) => out,
+            // The bytes read now are not the bytes hashed before.
+            Err(SdkError::ServiceError(e)) if checksum_mismatch(e.err().code()) => {
+                return Err(DestinationError::FileChanged {
+                    path: content.path.clone(),
+                })
+            }
+            Err(e) => return Err(self.classify("UploadPart", key, e)),
+        };
         Ok(CompletedPart::builder()
             .part_number(number as i32)
             .set_e_tag(out.e_tag().map(str::to_owned))
-            .checksum_sha256(checksum)
+            .checksum_crc64_nvme(checksum)
             .build())
     }
 
@@ -176,6 +208,40 @@ impl S3Destination {
     }
 }
 
+/// A part streamed from the file in chunks, so memory does not grow with the part size.
+/// The file is reopened through its descriptor, never by its path: the bytes are those of
+/// the file that was hashed even if its name now points elsewhere. Each retry reopens it.
+async fn part_body(
+    content: &LocalContent,
+    offset: u64,
+    len: u64,
+) -> Result<ByteStream, DestinationError> {
+    let own = format!("/proc/self/fd/{}", content.file.as_raw_fd());
+    ByteStream::read_from()
+        .path(own)
+        .offset(offset)
+        .length(Length::Exact(len))
+        .buffer_size(STREAM_CHUNK)
+        .build()
+        .await
+        .map_err(|e| match std::error::Error::source(&e) {
+            // The file is shorter than when it was hashed.
+            None => DestinationError::FileChanged {
+                path: content.path.clone(),
+            },
+            Some(_) => DestinationError::Io {
+                path: content.path.clone(),
+                source: std::io::Error::other(e),
+            },
+        })
+}
+
+/// AWS S3 answers a checksum that does not match the body with `BadDigest`, MinIO with
+/// `XAmzContentChecksumMismatch`.
+fn checksum_mismatch(code: Option<&str>) -> bool {
+    matches!(code, Some("BadDigest" | "XAmzContentChecksumMismatch"))
+}
+
 /// Part size and count for a file: the configured size, grown if the file would need more
 /// parts than S3 allows.
 fn part_plan(size: u64, part_size: u64) -> (u64, u64) {
@@ -183,18 +249,16 @@ fn part_plan(size: u64, part_size: u64) -> (u64, u64) {
     (part_size, size.div_ceil(part_size).max(1))
 }
 
-/// S3's checksum of a multipart object: the SHA-256 of the parts' raw SHA-256 digests in
-/// order, then `-<number of parts>`.
-fn composite_checksum(parts: &[CompletedPart]) -> String {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        let digest = part
-            .checksum_sha256()
-            .and_then(|c| base64::engine::general_purpose::STANDARD.decode(c).ok())
-            .unwrap_or_default();
-        hasher.update(digest);
+/// CRC-64/NVME of the whole file, combined from its parts' (S3's full-object checksum).
+fn whole_crc64(parts: &Parts, size: u64) -> u64 {
+    let mut left = size;
+    let mut whole = crc_fast::checksum(CrcAlgorithm::Crc64Nvme, b"");
+    for &crc in &parts.crc64 {
+        let len = parts.size.min(left);
+        whole = crc_fast::checksum_combine(CrcAlgorithm::Crc64Nvme, whole, crc, len);
+        left -= len;
     }
-    format!("{}-{}", base64(&hasher.finalize()), parts.len())
+    whole
 }
 
 #[cfg(test)]
@@ -211,22 +275,36 @@ mod tests {
     }
 
     #[test]
-    fn the_composite_checksum_hashes_the_part_digests_in_order() {
-        let part = |n: i32, bytes: &[u8]| {
-            CompletedPart::builder()
-                .part_number(n)
-                .checksum_sha256(base64(&Sha256::digest(bytes)))
-                .build()
+    fn the_whole_checksum_combines_the_parts_in_order() {
+        let bytes: Vec<u8> = (0..2500u32).map(|i| (i * 13 % 241) as u8).collect();
+        let crc = |b: &[u8]| crc_fast::checksum(CrcAlgorithm::Crc64Nvme, b);
+        let parts = Parts {
+            size: 1000,
+            crc64: vec![
+                crc(&bytes[..1000]),
+                crc(&bytes[1000..2000]),
+                crc(&bytes[2000..]),
+            ],
         };
-        let parts = [part(1, b"first"), part(2, b"second")];
-        let mut both = Sha256::digest(b"first").to_vec();
-        both.extend_from_slice(&Sha256::digest(b"second"));
-        assert_eq!(
-            composite_checksum(&parts),
-            format!("{}-2", base64(&Sha256::digest(&both)))
-        );
-        let swapped = [part(1, b"second"), part(2, b"first")];
-        assert_ne!(composite_checksum(&swapped), composite_checksum(&parts));
+        assert_eq!(whole_crc64(&parts, 2500), crc(&bytes));
+        let swapped = Parts {
+            size: 1000,
+            crc64: vec![parts.crc64[1], parts.crc64[0], parts.crc64[2]],
+        };
+        assert_ne!(whole_crc64(&swapped, 2500), crc(&bytes));
+        let empty = Parts {
+            size: 1000,
+            crc64: vec![crc(b"")],
+        };
+        assert_eq!(whole_crc64(&empty, 0), crc(b""));
+    }
+
+    #[test]
+    fn a_checksum_mismatch_is_told_apart() {
+        assert!(checksum_mismatch(Some("BadDigest")));
+        assert!(checksum_mismatch(Some("XAmzContentChecksumMismatch")));
+        assert!(!checksum_mismatch(Some("InternalError")));
+        assert!(!checksum_mismatch(None));
     }
 
     #[test]
