@@ -4,6 +4,7 @@
 //! a root's filesystem. Reports [`Event`]s on a channel and knows nothing of what follows.
 
 mod scan;
+mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::io;

@@ -9,11 +9,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use walkdir::WalkDir;
 
+use super::watch::{Change, Tree, Watch};
 use super::{Event, SkipReason, Source};
 use crate::key::{relative_key, KeyError};
 use crate::local_file::FileStat;
@@ -22,14 +21,6 @@ use crate::select::Filter;
 /// Changes are gathered this long before being looked at: a log being written reports every
 /// line, and one look per burst is enough.
 const DEBOUNCE: Duration = Duration::from_millis(250);
-
-/// Changed paths waiting to be looked at; beyond this the watcher thread waits.
-const CHANGE_QUEUE: usize = 4096;
-
-enum Change {
-    Path(PathBuf),
-    Rescan,
-}
 
 /// Walking and watching one source.
 #[derive(Clone)]
@@ -43,18 +34,16 @@ pub(super) struct Scan {
 
 impl Scan {
     pub(super) async fn run(self, rescan: Option<Duration>) {
-        let (changes_tx, mut changes) = mpsc::channel(CHANGE_QUEUE);
-        // Watching a large tree takes as long as walking it, so both run at once. A file made
-        // in a directory the walk has passed but the watch has not reached yet is found by
-        // the next rescan.
+        // Watching a large tree takes as long as listing its directories, so it runs beside
+        // the walk. A file made in a directory the walk has passed but the watch has not
+        // reached yet is found by the next rescan.
         let watching = rescan.map(|_| {
-            let scan = self.clone();
-            tokio::task::spawn_blocking(move || scan.watch(changes_tx))
+            let root = self.source.root.clone();
+            tokio::task::spawn_blocking(move || Tree::build(&root))
         });
         self.walk_blocking(self.source.root.clone()).await;
-        // Kept alive for as long as this task runs; dropping it stops the watch.
-        let _watcher = match watching {
-            Some(watching) => watching.await.ok().flatten(),
+        let mut watch = match watching {
+            Some(watching) => self.started(watching.await),
             None => None,
         };
         if !self.source.removed.load(Ordering::SeqCst) {
@@ -70,11 +59,15 @@ impl Scan {
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.walk_blocking(self.source.root.clone()).await,
-                Some(first) = changes.recv() => {
+                changes = next_changes(&mut watch) => {
+                    let Ok(mut batch) = changes else {
+                        tracing::warn!(root = %self.source.root.display(), "file watch failed; relying on the periodic rescan");
+                        watch = None;
+                        continue;
+                    };
                     tokio::time::sleep(DEBOUNCE).await;
-                    let mut batch = vec![first];
-                    while let Ok(next) = changes.try_recv() {
-                        batch.push(next);
+                    if let Some(watch) = watch.as_mut() {
+                        batch.extend(watch.more());
                     }
                     self.look_at(batch).await;
                 }
@@ -82,41 +75,25 @@ impl Scan {
         }
     }
 
-    fn watch(&self, changes: mpsc::Sender<Change>) -> Option<notify::RecommendedWatcher> {
-        let root = self.source.root.clone();
-        let handler = move |event: notify::Result<notify::Event>| {
-            let event = match event {
-                Ok(event) => event,
-                Err(e) => {
-                    tracing::warn!(error = %e, "file watch error; the periodic rescan covers it");
-                    let _ = changes.blocking_send(Change::Rescan);
-                    return;
+    /// The watch built beside the first walk, if there is one.
+    fn started(
+        &self,
+        built: Result<io::Result<(Tree, bool)>, tokio::task::JoinError>,
+    ) -> Option<Watch> {
+        let root = self.source.root.display();
+        let watch = built
+            .map_err(io::Error::other)
+            .and_then(|built| built)
+            .and_then(|(tree, complete)| {
+                if !complete {
+                    tracing::warn!(%root, "some directories cannot be watched; the periodic rescan covers them");
                 }
-            };
-            if event.need_rescan() {
-                let _ = changes.blocking_send(Change::Rescan);
-            }
-            let relevant = match event.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                EventKind::Access(_) => false,
-                _ => true,
-            };
-            if relevant {
-                for path in event.paths {
-                    let _ = changes.blocking_send(Change::Path(path));
-                }
-            }
-        };
-        let config = notify::Config::default().with_follow_symlinks(false);
-        let watched = notify::RecommendedWatcher::new(handler, config)
-            .and_then(|mut w| w.watch(&root, RecursiveMode::Recursive).map(|()| w));
-        match watched {
-            Ok(watcher) => Some(watcher),
+                tree.into_async()
+            });
+        match watch {
+            Ok(watch) => Some(watch),
             Err(e) => {
-                tracing::warn!(
-                    root = %root.display(), error = %e,
-                    "cannot watch for changes (raise fs.inotify.max_user_watches?); relying on the periodic rescan"
-                );
+                tracing::warn!(%root, error = %e, "cannot watch for changes (raise fs.inotify.max_user_instances?); relying on the periodic rescan");
                 None
             }
         }
@@ -247,5 +224,13 @@ impl Scan {
         if !self.source.removed.load(Ordering::SeqCst) {
             let _ = self.events.blocking_send(event);
         }
+    }
+}
+
+/// The next changes the watch saw; never, without a watch.
+async fn next_changes(watch: &mut Option<Watch>) -> io::Result<Vec<Change>> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
     }
 }
