@@ -127,38 +127,58 @@ reclaimPolicy: Delete
     ensure!(ours_pvs >= idle_pvs, "only {ours_pvs} localship PVs");
     // Idle: past the agents' periodic return of freed heap (every 15 s).
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let idle: Vec<(String, u64)> = [&a, &b]
+    let idle: Vec<(String, Rss)> = [&a, &b]
         .iter()
-        .map(|agent| {
-            Ok((
-                agent.node.to_string(),
-                proc_kib(agent.pid().unwrap_or_default(), "VmRSS")?,
-            ))
-        })
+        .map(|agent| Ok((agent.node.to_string(), Rss::of(agent.pid())?)))
         .collect::<Result<_>>()?;
     let started = Instant::now();
     a.restart().await?;
     let ready = started.elapsed();
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let restarted = proc_kib(a.pid().unwrap_or_default(), "VmRSS")?;
+    let restarted = Rss::of(a.pid())?;
 
     let total_pvs = pvs.list(&Default::default()).await?.items.len();
     println!("\nP3: agents idle with {ours_pvs} localship PVs ({total_pvs} PVs in the cluster)");
-    println!("| agent            | RSS MiB |");
-    println!("|------------------|---------|");
-    for (node, kib) in idle {
-        println!("| {node:<16} | {:>7.1} |", mib(kib));
+    println!("| agent            | RSS MiB | heap and stacks | mapped files |");
+    println!("|------------------|---------|-----------------|--------------|");
+    for (node, rss) in idle {
+        println!("{}", rss.row(&node));
     }
-    println!(
-        "| {:<16} | {:>7.1} |",
-        format!("{} restarted", a.node),
-        mib(restarted)
-    );
+    println!("{}", restarted.row(&format!("{} restarted", a.node)));
     println!(
         "restarted agent ready (start-up sweep over {ours_pvs} PVs done) in {:.2} s",
         ready.as_secs_f64()
     );
     Ok(())
+}
+
+/// Resident memory of a process, and how much of it is anonymous (heap, stacks) and how
+/// much mapped files (the binary's code and libraries, shared with any other process that
+/// maps them).
+struct Rss {
+    total: u64,
+    anon: u64,
+    file: u64,
+}
+
+impl Rss {
+    fn of(pid: Option<u32>) -> Result<Self> {
+        let pid = pid.unwrap_or_default();
+        Ok(Self {
+            total: proc_kib(pid, "VmRSS")?,
+            anon: proc_kib(pid, "RssAnon")?,
+            file: proc_kib(pid, "RssFile")?,
+        })
+    }
+
+    fn row(&self, name: &str) -> String {
+        format!(
+            "| {name:<16} | {:>7.1} | {:>15.1} | {:>12.1} |",
+            mib(self.total),
+            mib(self.anon),
+            mib(self.file)
+        )
+    }
 }
 
 /// One burst's table: latencies of the anchor and ours, with ratios.
