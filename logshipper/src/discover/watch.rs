@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
-use walkdir::WalkDir;
 
 /// What the watch saw, for the scan to look at.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,6 +62,11 @@ impl Tree {
         let mut dirs = Dirs::default();
         let complete = dirs.add(&inotify, root, None, root.as_os_str())?;
         Ok((Self { inotify, dirs }, complete))
+    }
+
+    /// Directories watched.
+    pub(super) fn len(&self) -> usize {
+        self.dirs.0.len()
     }
 
     /// Hands the watches to the runtime; must be called inside it.
@@ -120,7 +125,9 @@ impl Watch {
 }
 
 impl Dirs {
-    /// Watches `dir` and every directory below it; `Ok(false)` if some could not be.
+    /// Watches `dir` and every directory below it on the same filesystem; `Ok(false)` if
+    /// some could not be. Lists directories itself, like the scan's walk, so that only
+    /// directories are stat'ed, relative to their open parent.
     fn add(
         &mut self,
         inotify: &Inotify,
@@ -128,6 +135,7 @@ impl Dirs {
         parent: Option<WatchDescriptor>,
         name: &OsStr,
     ) -> io::Result<bool> {
+        let dev = std::fs::symlink_metadata(dir)?.dev();
         let top = inotify.add_watch(dir, mask())?;
         self.0.insert(
             top,
@@ -137,39 +145,37 @@ impl Dirs {
             },
         );
         let mut complete = true;
-        // stack[d] is the watch of the directory being listed at depth d.
-        let mut stack = vec![top];
-        let mut entries = WalkDir::new(dir)
-            .follow_links(false)
-            .same_file_system(true)
-            .min_depth(1)
-            .into_iter();
-        while let Some(entry) = entries.next() {
-            let Ok(entry) = entry else {
+        let mut pending = vec![(dir.to_path_buf(), top)];
+        while let Some((dir, wd)) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
                 complete = false;
                 continue;
             };
-            if !entry.file_type().is_dir() {
-                continue;
-            }
-            let depth = entry.depth();
-            stack.truncate(depth);
-            match inotify.add_watch(entry.path(), mask()) {
-                Ok(wd) => {
-                    let dir = Dir {
-                        parent: Some(stack[depth - 1]),
-                        name: entry.file_name().into(),
-                    };
-                    self.0.insert(wd, dir);
-                    stack.push(wd);
+            for entry in entries.flatten() {
+                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                if !is_dir || entry.metadata().map_or(true, |m| m.dev() != dev) {
+                    continue;
                 }
-                // Gone or replaced since it was listed.
-                Err(Errno::ENOENT | Errno::ENOTDIR) => entries.skip_current_dir(),
-                Err(e) => {
-                    complete = false;
-                    entries.skip_current_dir();
-                    if e == Errno::ENOSPC {
-                        tracing::warn!(dir = %entry.path().display(), "out of inotify watches (raise fs.inotify.max_user_watches); relying on the periodic rescan below here");
+                let path = entry.path();
+                match inotify.add_watch(&path, mask()) {
+                    Ok(child) => {
+                        let name = entry.file_name().into_boxed_os_str();
+                        self.0.insert(
+                            child,
+                            Dir {
+                                parent: Some(wd),
+                                name,
+                            },
+                        );
+                        pending.push((path, child));
+                    }
+                    // Gone or replaced since it was listed.
+                    Err(Errno::ENOENT | Errno::ENOTDIR) => {}
+                    Err(e) => {
+                        complete = false;
+                        if e == Errno::ENOSPC {
+                            tracing::warn!(dir = %path.display(), "out of inotify watches (raise fs.inotify.max_user_watches); relying on the periodic rescan below here");
+                        }
                     }
                 }
             }
