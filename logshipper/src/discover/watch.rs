@@ -37,6 +37,9 @@ fn mask() -> AddWatchFlags {
         | AddWatchFlags::IN_DONT_FOLLOW
 }
 
+/// Changes taken at once after the first; the rest wait in the kernel's queue.
+const MORE: usize = 4096;
+
 struct Dir {
     parent: Option<WatchDescriptor>,
     /// The full root path for the root, a single component below it.
@@ -108,10 +111,14 @@ impl Watch {
         }
     }
 
-    /// Whatever else has arrived, without waiting.
+    /// Whatever else has arrived, without waiting; at most about [`MORE`] changes, so
+    /// files written without pause cannot keep the scan here.
     pub(super) fn more(&mut self) -> Vec<Change> {
         let mut changes = Vec::new();
-        while let Ok(events) = self.fd.get_ref().0.read_events() {
+        while changes.len() < MORE {
+            let Ok(events) = self.fd.get_ref().0.read_events() else {
+                break;
+            };
             changes.extend(self.dirs.changes(&self.fd.get_ref().0, events));
         }
         changes
