@@ -9,7 +9,7 @@ use crate::destination::{Destination, DestinationError, LocalContent, ObjectInfo
 use crate::discover::{SkipReason, Source};
 use crate::key::object_key;
 use crate::ledger::{now_ms, Ledger, Record, Recorder};
-use crate::local_file::{hash_for_upload, open_beneath, sha256_prefix, Extra, FileStat, OpenError};
+use crate::local_file::{hash_for_upload, open_beneath, sha256_prefix, FileStat, OpenError};
 use crate::{Error, Result};
 
 /// What shipping needs, shared by all shipments.
@@ -94,19 +94,7 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         }
         Err(source) => return Err(Error::Read { path, source }),
     };
-    let (data, parts) = match extra {
-        Extra::Nothing => (None, None),
-        Extra::Data(data) => (Some(data), None),
-        Extra::Parts(parts) => (None, Some(parts)),
-    };
-    let content = LocalContent {
-        file,
-        path,
-        size: stat.size,
-        sha256,
-        data,
-        parts,
-    };
+    let content = LocalContent::new(file, path, stat.size, sha256, extra);
     let dest = &ctx.destination;
     let previous = ctx
         .ledger

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::key::normalize_prefix;
-use crate::local_file::Parts;
+use crate::local_file::{Extra, Parts};
 
 /// Metadata key holding the SHA-256 (hex) of an object we wrote, so `head` can compare
 /// contents without downloading (sent as `x-amz-meta-localship-sha256`).
@@ -43,6 +43,25 @@ pub struct LocalContent {
     pub data: Option<Bytes>,
     /// Part checksums from the same read, when the file goes in parts.
     pub parts: Option<Parts>,
+}
+
+impl LocalContent {
+    /// The content of `size` bytes of `file`, with what the read that hashed them yielded.
+    pub fn new(file: Arc<File>, path: PathBuf, size: u64, sha256: String, extra: Extra) -> Self {
+        let (data, parts) = match extra {
+            Extra::Nothing => (None, None),
+            Extra::Data(data) => (Some(data), None),
+            Extra::Parts(parts) => (None, Some(parts)),
+        };
+        Self {
+            file,
+            path,
+            size,
+            sha256,
+            data,
+            parts,
+        }
+    }
 }
 
 /// An object store. Objects appear whole under their key or not at all.

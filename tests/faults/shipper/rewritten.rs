@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use localship_logshipper::destination::s3::{S3Destination, S3Settings};
 use localship_logshipper::destination::{Destination, DestinationError, LocalContent};
-use localship_logshipper::local_file::{hash_for_upload, open_beneath, Extra};
+use localship_logshipper::local_file::{hash_for_upload, open_beneath};
 use localship_tests::{scratch_dir, Minio};
 
 use super::{hostile::Rows, BUCKET, PREFIX};
@@ -46,18 +46,14 @@ pub async fn run(minio: &Minio, rows: &mut Rows) -> Result<()> {
         let (file, stat) = open_beneath(&source, "big.log").context("open the log")?;
         let part_size = with_parts.then(|| dest.part_size(stat.size)).flatten();
         let (sha256, extra) = hash_for_upload(&file, stat.size, 5 * MIB, part_size)?;
-        let parts = match extra {
-            Extra::Parts(parts) => Some(parts),
-            _ => None,
-        };
-        Ok(LocalContent {
-            file: Arc::new(file),
-            path: source.join("big.log"),
-            size: stat.size,
+        let path = source.join("big.log");
+        Ok(LocalContent::new(
+            Arc::new(file),
+            path,
+            stat.size,
             sha256,
-            data: None,
-            parts,
-        })
+            extra,
+        ))
     };
 
     // Unchanged: stored, and confirmed by the store's own full-object checksum.

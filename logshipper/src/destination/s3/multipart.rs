@@ -3,9 +3,9 @@
 //! not match, so a file changed since it was hashed cannot be stored under its hash; the
 //! upload is completed only if every part arrived, and aborted otherwise.
 
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use std::os::fd::AsRawFd;
 
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart};
 use crc_fast::CrcAlgorithm;
