@@ -147,7 +147,6 @@ impl Sources {
             filter: self.filter.clone(),
             events: self.events.clone(),
             warned: Arc::new(Mutex::new(HashSet::new())),
-            pending: Arc::default(),
         };
         let task = tokio::spawn(scan.run(rescan));
         self.running.insert(source.root.clone(), (source, task));

@@ -1,24 +1,30 @@
 //! A recursive inotify watch over one source root: one watch per directory, remembered as
 //! descriptor → (parent, name), so a directory costs a few dozen bytes and a path is built
 //! only when an event needs it. At 101,000 directories this holds about 7 MiB where a
-//! path-keyed watcher held 18, and setting it up reads directories without a `stat` per
-//! file.
+//! path-keyed watcher held 18. Directories are watched by the scan's walk as it reaches
+//! them, so the tree is listed once, not once for the walk and once for the watch.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 
 /// What the watch saw, for the scan to look at.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 pub(super) enum Change {
     Path(PathBuf),
+    /// A directory appeared (made, or moved in): walk it, watching what is below.
+    Dir {
+        path: PathBuf,
+        parent: WatchDescriptor,
+    },
     /// Events were lost (the kernel queue overflowed, or a directory could not be watched):
     /// walk everything again.
     Rescan,
@@ -46,56 +52,153 @@ struct Dir {
     name: Box<OsStr>,
 }
 
-/// The watched directories.
-#[derive(Default)]
-struct Dirs(HashMap<WatchDescriptor, Dir>);
-
-/// The watches, before they are handed to the runtime.
-pub(super) struct Tree {
+/// The watched directories, placed one at a time by the scan's walks: a directory is
+/// watched before it is listed, so a file made in it after the listing is reported.
+/// Walking threads place watches at once: the map is locked only to note a new watch.
+pub(super) struct Watches {
     inotify: Inotify,
-    dirs: Dirs,
+    dirs: Mutex<HashMap<WatchDescriptor, Dir>>,
+    /// Every directory asked for so far is watched.
+    complete: AtomicBool,
 }
 
-impl Tree {
-    /// Watches every directory under `root` on its filesystem, never following a symlink.
-    /// Blocking: a large tree takes as long as listing its directories. Fails only if the
-    /// root cannot be watched; `false` says some directory below it could not be.
-    pub(super) fn build(root: &Path) -> io::Result<(Self, bool)> {
-        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?;
-        let mut dirs = Dirs::default();
-        let complete = dirs.add(&inotify, root, None, root.as_os_str())?;
-        Ok((Self { inotify, dirs }, complete))
+impl Watches {
+    pub(super) fn new() -> io::Result<Self> {
+        Ok(Self {
+            inotify: Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?,
+            dirs: Mutex::default(),
+            complete: AtomicBool::new(true),
+        })
+    }
+
+    /// Watches `dir`, found as `name` in the directory watched as `parent` (the root has
+    /// none, and its full path as name). Watching a directory again keeps its descriptor.
+    /// `None` if it cannot be watched: if it is still there, [`Watches::complete`] turns
+    /// false and the periodic rescan covers it.
+    pub(super) fn watch(
+        &self,
+        dir: &Path,
+        parent: Option<WatchDescriptor>,
+        name: &OsStr,
+    ) -> Option<WatchDescriptor> {
+        match self.inotify.add_watch(dir, mask()) {
+            Ok(wd) => {
+                let name = name.into();
+                let mut dirs = self.dirs.lock().expect("not poisoned");
+                dirs.insert(wd, Dir { parent, name });
+                Some(wd)
+            }
+            // Gone or replaced since it was listed.
+            Err(Errno::ENOENT | Errno::ENOTDIR) => None,
+            Err(e) => {
+                let was_complete = self.complete.swap(false, Ordering::Relaxed);
+                if e == Errno::ENOSPC && was_complete {
+                    tracing::warn!(dir = %dir.display(), "out of inotify watches (raise fs.inotify.max_user_watches); relying on the periodic rescan");
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether every directory asked for is watched.
+    pub(super) fn complete(&self) -> bool {
+        self.complete.load(Ordering::Relaxed)
     }
 
     /// Directories watched.
     pub(super) fn len(&self) -> usize {
-        self.dirs.0.len()
+        self.dirs.lock().expect("not poisoned").len()
     }
 
     /// Hands the watches to the runtime; must be called inside it.
     pub(super) fn into_async(self) -> io::Result<Watch> {
+        let raw = self.inotify.as_fd().as_raw_fd();
         Ok(Watch {
-            // SAFETY: `Owned` owns the descriptor, and the AsyncFd owns `Owned`, so the
+            // SAFETY: `watches` owns the descriptor and is dropped after `fd`, so the
             // descriptor stays open exactly as long as it is registered.
-            fd: unsafe { AsyncFd::register(Owned(self.inotify)) }.map_err(|e| e.into_parts().1)?,
-            dirs: self.dirs,
+            fd: unsafe { AsyncFd::register(raw) }.map_err(|e| e.into_parts().1)?,
+            watches: self,
         })
     }
-}
 
-/// The inotify descriptor, as tokio wants it.
-struct Owned(Inotify);
+    fn path_of(&mut self, wd: WatchDescriptor) -> Option<PathBuf> {
+        let dirs = self.dirs.get_mut().expect("not poisoned");
+        let mut names = Vec::new();
+        let mut at = Some(wd);
+        while let Some(wd) = at {
+            let dir = dirs.get(&wd)?;
+            names.push(&*dir.name);
+            at = dir.parent;
+        }
+        Some(names.iter().rev().collect())
+    }
 
-impl AsRawFd for Owned {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_fd().as_raw_fd()
+    /// Stops watching the directory `name` in `parent` and everything below it.
+    fn forget(&mut self, parent: WatchDescriptor, name: &OsStr) {
+        let dirs = self.dirs.get_mut().expect("not poisoned");
+        let Some(top) = dirs
+            .iter()
+            .find(|(_, d)| d.parent == Some(parent) && &*d.name == name)
+            .map(|(wd, _)| *wd)
+        else {
+            return;
+        };
+        let below = |mut wd: WatchDescriptor| loop {
+            if wd == top {
+                return true;
+            }
+            match dirs.get(&wd).and_then(|d| d.parent) {
+                Some(parent) => wd = parent,
+                None => return false,
+            }
+        };
+        let gone: Vec<WatchDescriptor> = dirs.keys().copied().filter(|wd| below(*wd)).collect();
+        for wd in gone {
+            dirs.remove(&wd);
+            let _ = self.inotify.rm_watch(wd);
+        }
+    }
+
+    /// What a batch of events means for the scan.
+    fn changes(&mut self, events: Vec<InotifyEvent>) -> Vec<Change> {
+        let mut changes = Vec::with_capacity(events.len());
+        for event in events {
+            if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                changes.push(Change::Rescan);
+                continue;
+            }
+            if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                self.dirs.get_mut().expect("not poisoned").remove(&event.wd);
+                continue;
+            }
+            let (Some(name), Some(dir)) = (event.name, self.path_of(event.wd)) else {
+                continue;
+            };
+            let path = dir.join(&name);
+            if event.mask.contains(AddWatchFlags::IN_ISDIR) {
+                let made = AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO;
+                if event.mask.intersects(made) {
+                    changes.push(Change::Dir {
+                        path,
+                        parent: event.wd,
+                    });
+                    continue;
+                }
+                if event.mask.contains(AddWatchFlags::IN_MOVED_FROM) {
+                    self.forget(event.wd, &name);
+                }
+            }
+            changes.push(Change::Path(path));
+        }
+        changes
     }
 }
 
 /// The watches, reporting changes as the runtime sees them.
 pub(super) struct Watch {
-    fd: AsyncFd<Owned>,
-    dirs: Dirs,
+    // Declared first so that it is deregistered before `watches` closes the descriptor.
+    fd: AsyncFd<RawFd>,
+    watches: Watches,
 }
 
 impl Watch {
@@ -103,8 +206,8 @@ impl Watch {
     pub(super) async fn next(&mut self) -> io::Result<Vec<Change>> {
         loop {
             let mut ready = self.fd.readable().await?;
-            match ready.get_inner().0.read_events() {
-                Ok(events) => return Ok(self.dirs.changes(&self.fd.get_ref().0, events)),
+            match self.watches.inotify.read_events() {
+                Ok(events) => return Ok(self.watches.changes(events)),
                 Err(Errno::EAGAIN) => ready.clear_ready(),
                 Err(e) => return Err(e.into()),
             }
@@ -116,150 +219,17 @@ impl Watch {
     pub(super) fn more(&mut self) -> Vec<Change> {
         let mut changes = Vec::new();
         while changes.len() < MORE {
-            let Ok(events) = self.fd.get_ref().0.read_events() else {
+            let Ok(events) = self.watches.inotify.read_events() else {
                 break;
             };
-            changes.extend(self.dirs.changes(&self.fd.get_ref().0, events));
+            changes.extend(self.watches.changes(events));
         }
         changes
     }
 
-    /// Directories watched.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.dirs.0.len()
-    }
-}
-
-impl Dirs {
-    /// Watches `dir` and every directory below it on the same filesystem; `Ok(false)` if
-    /// some could not be. Lists directories itself, like the scan's walk, so that only
-    /// directories are stat'ed, relative to their open parent.
-    fn add(
-        &mut self,
-        inotify: &Inotify,
-        dir: &Path,
-        parent: Option<WatchDescriptor>,
-        name: &OsStr,
-    ) -> io::Result<bool> {
-        let dev = std::fs::symlink_metadata(dir)?.dev();
-        let top = inotify.add_watch(dir, mask())?;
-        self.0.insert(
-            top,
-            Dir {
-                parent,
-                name: name.into(),
-            },
-        );
-        let mut complete = true;
-        let mut pending = vec![(dir.to_path_buf(), top)];
-        while let Some((dir, wd)) = pending.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                complete = false;
-                continue;
-            };
-            for entry in entries.flatten() {
-                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-                if !is_dir || entry.metadata().map_or(true, |m| m.dev() != dev) {
-                    continue;
-                }
-                let path = entry.path();
-                match inotify.add_watch(&path, mask()) {
-                    Ok(child) => {
-                        let name = entry.file_name().into_boxed_os_str();
-                        self.0.insert(
-                            child,
-                            Dir {
-                                parent: Some(wd),
-                                name,
-                            },
-                        );
-                        pending.push((path, child));
-                    }
-                    // Gone or replaced since it was listed.
-                    Err(Errno::ENOENT | Errno::ENOTDIR) => {}
-                    Err(e) => {
-                        complete = false;
-                        if e == Errno::ENOSPC {
-                            tracing::warn!(dir = %path.display(), "out of inotify watches (raise fs.inotify.max_user_watches); relying on the periodic rescan below here");
-                        }
-                    }
-                }
-            }
-        }
-        Ok(complete)
-    }
-
-    fn path_of(&self, wd: WatchDescriptor) -> Option<PathBuf> {
-        let mut names = Vec::new();
-        let mut at = Some(wd);
-        while let Some(wd) = at {
-            let dir = self.0.get(&wd)?;
-            names.push(&*dir.name);
-            at = dir.parent;
-        }
-        Some(names.iter().rev().collect())
-    }
-
-    /// Stops watching the directory `name` in `parent` and everything below it.
-    fn forget(&mut self, inotify: &Inotify, parent: WatchDescriptor, name: &OsStr) {
-        let Some(top) = self
-            .0
-            .iter()
-            .find(|(_, d)| d.parent == Some(parent) && &*d.name == name)
-            .map(|(wd, _)| *wd)
-        else {
-            return;
-        };
-        let below = |mut wd: WatchDescriptor| loop {
-            if wd == top {
-                return true;
-            }
-            match self.0.get(&wd).and_then(|d| d.parent) {
-                Some(parent) => wd = parent,
-                None => return false,
-            }
-        };
-        let gone: Vec<WatchDescriptor> = self.0.keys().copied().filter(|wd| below(*wd)).collect();
-        for wd in gone {
-            self.0.remove(&wd);
-            let _ = inotify.rm_watch(wd);
-        }
-    }
-
-    /// What a batch of events means for the scan. New directories are watched here, and
-    /// reported, so the scan walks them for files made before their watch.
-    fn changes(&mut self, inotify: &Inotify, events: Vec<InotifyEvent>) -> Vec<Change> {
-        let mut changes = Vec::with_capacity(events.len());
-        for event in events {
-            if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-                changes.push(Change::Rescan);
-                continue;
-            }
-            if event.mask.contains(AddWatchFlags::IN_IGNORED) {
-                self.0.remove(&event.wd);
-                continue;
-            }
-            let (Some(name), Some(dir)) = (event.name, self.path_of(event.wd)) else {
-                continue;
-            };
-            let path = dir.join(&name);
-            if event.mask.contains(AddWatchFlags::IN_ISDIR) {
-                let made = AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO;
-                if event.mask.intersects(made) {
-                    // Usually a task's new, nearly empty directory: cheap to do in place.
-                    match self.add(inotify, &path, Some(event.wd), &name) {
-                        Ok(true) => {}
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        _ => changes.push(Change::Rescan),
-                    }
-                } else if event.mask.contains(AddWatchFlags::IN_MOVED_FROM) {
-                    self.forget(inotify, event.wd, &name);
-                }
-            }
-            changes.push(Change::Path(path));
-        }
-        changes
+    /// The watches, for a walk to add to.
+    pub(super) fn watches(&self) -> &Watches {
+        &self.watches
     }
 }
 
@@ -278,66 +248,85 @@ mod tests {
         got
     }
 
+    /// Watches `dir` and what is below it, as a walk would.
+    fn watch_all(watches: &Watches, dir: &Path, parent: Option<WatchDescriptor>, name: &OsStr) {
+        let wd = watches.watch(dir, parent, name).expect("watchable");
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                watch_all(watches, &entry.path(), Some(wd), &entry.file_name());
+            }
+        }
+    }
+
     #[tokio::test]
-    async fn reports_paths_below_the_root_and_follows_new_and_moved_directories() {
+    async fn reports_paths_below_the_root_and_new_and_moved_directories() {
         let root = tempfile::tempdir().unwrap();
         let root = root.path().canonicalize().unwrap();
         std::fs::create_dir_all(root.join("dag_id=a/run_id=r/task_id=t")).unwrap();
         std::fs::create_dir_all(root.join("elsewhere")).unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(outside.path(), root.join("dag_id=a/link")).unwrap();
-        let (tree, complete) = Tree::build(&root).unwrap();
-        assert!(complete);
-        let mut watch = tree.into_async().unwrap();
-        // root, dag_id=a, run_id=r, task_id=t, elsewhere; never the symlinked directory.
-        assert_eq!(watch.len(), 5);
+        let watches = Watches::new().unwrap();
+        watch_all(&watches, &root, None, root.as_os_str());
+        assert!(watches.complete());
+        assert_eq!(watches.len(), 5);
+        let mut watch = watches.into_async().unwrap();
 
         let log = root.join("dag_id=a/run_id=r/task_id=t/attempt=1.log");
         std::fs::write(&log, b"line\n").unwrap();
         assert!(changes(&mut watch)
             .await
             .contains(&Change::Path(log.clone())));
-        std::fs::write(outside.path().join("x.log"), b"not ours\n").unwrap();
 
-        // A new directory is watched at once: a file made in it later is seen.
+        // A new directory is reported for a walk, with the watch it appeared in.
         let new_dir = root.join("dag_id=a/run_id=r/task_id=u");
         std::fs::create_dir(&new_dir).unwrap();
         let got = changes(&mut watch).await;
-        assert!(got.contains(&Change::Path(new_dir.clone())), "{got:?}");
-        assert!(got
+        let Some(Change::Dir { parent, .. }) = got
             .iter()
-            .all(|c| matches!(c, Change::Path(p) if p.starts_with(&root))));
-        assert_eq!(watch.len(), 6);
+            .find(|c| matches!(c, Change::Dir { path, .. } if *path == new_dir))
+        else {
+            panic!("{got:?}");
+        };
+        watch_all(
+            watch.watches(),
+            &new_dir,
+            Some(*parent),
+            OsStr::new("task_id=u"),
+        );
+        assert_eq!(watch.watches().len(), 6);
         std::fs::write(new_dir.join("attempt=1.log"), b"line\n").unwrap();
         let got = changes(&mut watch).await;
         assert!(got.contains(&Change::Path(new_dir.join("attempt=1.log"))));
 
-        // Moved within the root: the old name is forgotten, the new one watched.
+        // Moved within the root: the old name is forgotten, the new one is to be walked.
         let moved = root.join("elsewhere/task_id=u");
         std::fs::rename(&new_dir, &moved).unwrap();
         let got = changes(&mut watch).await;
         assert!(got.contains(&Change::Path(new_dir.clone())), "{got:?}");
-        assert!(got.contains(&Change::Path(moved.clone())), "{got:?}");
-        assert_eq!(watch.len(), 6);
-        std::fs::write(moved.join("attempt=2.log"), b"line\n").unwrap();
-        let got = changes(&mut watch).await;
         assert!(
-            got.contains(&Change::Path(moved.join("attempt=2.log"))),
+            got.iter()
+                .any(|c| matches!(c, Change::Dir { path, .. } if *path == moved)),
             "{got:?}"
         );
+        assert_eq!(watch.watches().len(), 5);
 
         // Removed: its watch goes.
-        std::fs::remove_dir_all(&moved).unwrap();
+        std::fs::remove_dir_all(root.join("dag_id=a/run_id=r/task_id=t")).unwrap();
         let got = changes(&mut watch).await;
-        assert!(got.contains(&Change::Path(moved.clone())), "{got:?}");
-        assert_eq!(watch.len(), 5);
+        assert!(got.contains(&Change::Path(root.join("dag_id=a/run_id=r/task_id=t"))));
+        assert_eq!(watch.watches().len(), 4);
     }
 
     #[test]
-    fn a_root_that_is_not_a_directory_cannot_be_watched() {
+    fn a_directory_that_is_gone_or_not_a_directory_is_not_watched() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("file"), b"").unwrap();
-        assert!(Tree::build(&dir.path().join("file")).is_err());
-        assert!(Tree::build(&dir.path().join("missing")).is_err());
+        let watches = Watches::new().unwrap();
+        let file = dir.path().join("file");
+        assert_eq!(watches.watch(&file, None, file.as_os_str()), None);
+        let missing = dir.path().join("missing");
+        assert_eq!(watches.watch(&missing, None, missing.as_os_str()), None);
+        assert_eq!(watches.len(), 0);
+        // Neither means a directory could not be watched.
+        assert!(watches.complete());
     }
 }
