@@ -74,6 +74,8 @@ pub enum Event {
         path: PathBuf,
         reason: SkipReason,
     },
+    /// The first walk of the source begins; what it finds follows.
+    WalkStarted { source: Arc<Source> },
     /// The first walk of the source is complete.
     WalkDone { source: Arc<Source> },
     /// The source was removed; nothing more comes from it.
@@ -209,6 +211,7 @@ mod tests {
             match next(rx).await {
                 Event::Found { relative, .. } => found.push(relative),
                 Event::Skipped { reason, .. } => skipped.push(reason),
+                Event::WalkStarted { .. } => {}
                 Event::WalkDone { .. } => break,
                 other => panic!("unexpected {other:?}"),
             }
@@ -316,6 +319,7 @@ mod tests {
         assert!(drained.draining);
         assert_eq!(sources.len(), 1);
         assert!(matches!(next(&mut rx).await, Event::SourceRemoved { source } if !source.draining));
+        assert!(matches!(next(&mut rx).await, Event::WalkStarted { source } if source.draining));
         match next(&mut rx).await {
             Event::Found {
                 source, relative, ..

@@ -140,9 +140,18 @@ impl Ledger {
 
     /// Every record of one source, in path order.
     pub fn records(&self, source: &str) -> Result<Vec<(String, Record)>, LedgerError> {
+        let mut out = Vec::new();
+        self.each(source, |relative, record| {
+            out.push((relative.to_owned(), record))
+        })?;
+        Ok(out)
+    }
+
+    /// Hands every record of one source to `f`, in path order: one sequential read of the
+    /// ledger, where a lookup per file reads pages in no order.
+    pub fn each(&self, source: &str, mut f: impl FnMut(&str, Record)) -> Result<(), LedgerError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         let table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
-        let mut out = Vec::new();
         for item in table
             .range::<(&str, &str)>((source, "")..)
             .map_err(|e| self.error(e))?
@@ -152,9 +161,9 @@ impl Ledger {
             if key_source != source {
                 break;
             }
-            out.push((relative.to_owned(), self.decode(relative, value.value())?));
+            f(relative, self.decode(relative, value.value())?);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Writes records in one durable commit.

@@ -94,6 +94,11 @@ pub struct Pipeline<D> {
     due: BinaryHeap<Reverse<(Instant, u64, FileId)>>,
     /// Files shipped or skipped, as they looked then: the same sighting again needs nothing.
     settled: Seen,
+    /// Per source, during its first walk: what the ledger says was shipped to this
+    /// destination, read in one pass as the walk starts rather than one lookup per file.
+    ledgered: HashMap<String, Seen>,
+    /// Ledger reads under way; discovery's events wait for them.
+    loading: JoinSet<(String, Seen)>,
     sources: HashMap<String, Arc<Source>>,
     walks_left: usize,
     /// Discovery has waited for the backlog at least once: as caught up as memory allows.
@@ -129,6 +134,8 @@ impl<D: Destination> Pipeline<D> {
             entries: HashMap::new(),
             due: BinaryHeap::new(),
             settled: Seen::new(),
+            ledgered: HashMap::new(),
+            loading: JoinSet::new(),
             sources: HashMap::new(),
             running: JoinSet::new(),
             generation: 0,
@@ -171,7 +178,13 @@ impl<D: Destination> Pipeline<D> {
             let wake = self.next_due().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = stop_requested(&mut stop) => break,
-                Some(event) = events.recv(), if self.entries.len() < self.settings.max_tracked => {
+                // Events wait meanwhile, so nothing about the source can come first.
+                Some(loaded) = self.loading.join_next(), if !self.loading.is_empty() => {
+                    if let Ok((id, seen)) = loaded {
+                        self.ledgered.insert(id, seen);
+                    }
+                }
+                Some(event) = events.recv(), if self.entries.len() < self.settings.max_tracked && self.loading.is_empty() => {
                     self.on_event(event);
                     if self.entries.len() >= self.settings.max_tracked && !self.backlog_was_full {
                         tracing::info!(files = self.entries.len(), "backlog is large; finding more files waits until some have shipped");
@@ -250,12 +263,15 @@ impl<D: Destination> Pipeline<D> {
                     .inc();
                 *self.summary.skipped.entry(reason.label()).or_default() += 1;
             }
+            Event::WalkStarted { source } => self.load_ledger(source),
             Event::WalkDone { source } if source.draining => {
                 tracing::info!(source = %source.root.display(), "final walk done; draining");
+                self.ledgered.remove(&source.id);
                 self.drains.walked(source);
             }
             Event::WalkDone { source } => {
                 tracing::info!(source = %source.root.display(), "first walk done");
+                self.ledgered.remove(&source.id);
                 self.sources.insert(source.id.clone(), source);
                 self.walks_left = self.walks_left.saturating_sub(1);
                 self.publish_readiness();
@@ -263,6 +279,7 @@ impl<D: Destination> Pipeline<D> {
             Event::SourceRemoved { source } => {
                 tracing::info!(source = %source.root.display(), "source removed");
                 self.drains.removed(&source.id);
+                self.ledgered.remove(&source.id);
                 self.sources.remove(&source.id);
                 self.entries
                     .retain(|(id, _), e| *id != source.id || e.in_flight);
@@ -275,6 +292,13 @@ impl<D: Destination> Pipeline<D> {
         let id = (source.id.clone(), relative);
         if self.settled.is(&id.0, &id.1, stat) {
             return;
+        }
+        let shipped = self
+            .ledgered
+            .get(&id.0)
+            .is_some_and(|ledgered| ledgered.is(&id.0, &id.1, stat));
+        if shipped {
+            return self.unchanged(&id, stat);
         }
         let (now, wall) = (Instant::now(), SystemTime::now());
         if let Some(entry) = self.entries.get_mut(&id) {
@@ -291,10 +315,7 @@ impl<D: Destination> Pipeline<D> {
         }
         match self.ctx.ledger.get(&source.id, &id.1) {
             Ok(Some(record)) if record.covers(stat, self.ctx.destination.id()) => {
-                self.settled.insert(&id.0, &id.1, stat);
-                self.summary.unchanged += 1;
-                self.metrics.skipped.with_label_values(&["unchanged"]).inc();
-                return;
+                return self.unchanged(&id, stat);
             }
             Ok(_) => {}
             Err(e) => {
@@ -315,6 +336,32 @@ impl<D: Destination> Pipeline<D> {
         };
         self.entries.insert(id.clone(), entry);
         self.schedule(&id);
+    }
+
+    /// A file found as the ledger says it was shipped.
+    fn unchanged(&mut self, id: &FileId, stat: FileStat) {
+        self.settled.insert(&id.0, &id.1, stat);
+        self.summary.unchanged += 1;
+        self.metrics.skipped.with_label_values(&["unchanged"]).inc();
+    }
+
+    /// Reads what the ledger holds for `source`, off the loop.
+    fn load_ledger(&mut self, source: Arc<Source>) {
+        let ledger = self.ctx.ledger.clone();
+        let destination = self.ctx.destination.id().to_owned();
+        self.loading.spawn_blocking(move || {
+            let mut seen = Seen::new();
+            let read = ledger.each(&source.id, |relative, record| {
+                if record.destination == destination {
+                    seen.insert(&source.id, relative, record.stat);
+                }
+            });
+            // What was read is still right; the rest is looked up file by file.
+            if let Err(e) = read {
+                tracing::warn!(source = %source.root.display(), error = %e, "cannot read the whole ledger at once; looking files up one by one");
+            }
+            (source.id.clone(), seen)
+        });
     }
 
     /// (Re)computes when a file is due and queues it; older queue entries go stale.

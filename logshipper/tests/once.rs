@@ -5,7 +5,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use support::{airflow_logs, files_under, non_utf8_name, Tree, MANUAL, SCHEDULED};
+use support::{airflow_logs, files_under, non_utf8_name, Run, Tree, MANUAL, SCHEDULED};
 
 fn expected(logs: &[(String, Vec<u8>)]) -> BTreeMap<String, Vec<u8>> {
     logs.iter().cloned().collect()
@@ -124,6 +124,25 @@ fn a_second_run_ships_nothing_and_an_appended_file_ships_again() {
     let after = mtimes(&tree);
     let rewritten: Vec<&String> = after.keys().filter(|k| after[*k] != before[*k]).collect();
     assert_eq!(rewritten, vec![resumed]);
+
+    // The ledger's records are for that destination only: another one gets everything.
+    let other = tree.dir.path().join("other-archive");
+    let elsewhere = Run::from(
+        tree.command_to(
+            &format!("file://{}", other.display()),
+            &["--once", "--settle", "0s"],
+        )
+        .output()
+        .unwrap(),
+    );
+    elsewhere.assert_ok();
+    assert!(
+        elsewhere
+            .summary()
+            .starts_with(&format!("shipped {} files (", logs.len())),
+        "{}",
+        elsewhere.summary()
+    );
 }
 
 #[test]

@@ -89,6 +89,8 @@ impl Scan {
             }
         });
         let started = std::time::Instant::now();
+        let source = self.source.clone();
+        let _ = self.events.send(Event::WalkStarted { source }).await;
         let watches = self.walk_blocking(Walk::Watching(watches)).await;
         if !self.source.removed.load(Ordering::SeqCst) {
             let done = Event::WalkDone {
