@@ -157,6 +157,19 @@ pub fn hash_for_upload(
     let Some(part_size) = part_size.filter(|&size| size > 0) else {
         return Ok((sha256_prefix(file, len)?, Extra::Nothing));
     };
+    let (sha, parts) = hash_in_parts(file, len, part_size, |_| {})?;
+    Ok((sha, Extra::Parts(parts)))
+}
+
+/// SHA-256 (hex) of the first `len` bytes and, in the same read, the CRC-64/NVME of each
+/// part of `part_size` bytes, handed to `on_part` as soon as the part is read, so the part
+/// can be sent while the rest is still being hashed.
+pub fn hash_in_parts(
+    file: &File,
+    len: u64,
+    part_size: u64,
+    mut on_part: impl FnMut(u64),
+) -> io::Result<(String, Parts)> {
     let mut sha = Sha256::new();
     let mut crc = crc_fast::Digest::new(CrcAlgorithm::Crc64Nvme);
     let mut crc64 = Vec::with_capacity(len.div_ceil(part_size) as usize);
@@ -170,6 +183,7 @@ pub fn hash_for_upload(
             left -= n as u64;
             if left == 0 {
                 crc64.push(crc.finalize_reset());
+                on_part(crc64[crc64.len() - 1]);
                 left = part_size;
             }
         }
@@ -177,12 +191,13 @@ pub fn hash_for_upload(
     })?;
     if left != part_size || crc64.is_empty() {
         crc64.push(crc.finalize());
+        on_part(crc64[crc64.len() - 1]);
     }
     let parts = Parts {
         size: part_size,
         crc64,
     };
-    Ok((hex::encode(sha.finalize()), Extra::Parts(parts)))
+    Ok((hex::encode(sha.finalize()), parts))
 }
 
 /// Feeds the first `len` bytes of `file` to `sink` in chunks, reading by offset so several

@@ -81,8 +81,24 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         return Ok(Outcome::Changed(stat));
     }
     let file = Arc::new(file);
-    let limit = ctx.destination.in_memory_limit();
-    let part_size = ctx.destination.part_size(stat.size);
+    let dest = &ctx.destination;
+    let previous = ctx
+        .ledger
+        .get(&job.source.id, &job.relative)?
+        .filter(|r| r.destination == dest.id());
+    let key = object_key(dest.prefix(), &job.relative);
+    // A large log never shipped before goes while it is hashed, where the store can.
+    if previous.is_none() {
+        let created = dest
+            .create_hashing(&key, file.clone(), path.clone(), stat.size)
+            .await?;
+        if let Some((content, put)) = created {
+            let info = verified(dest, &key, &content, put).await?;
+            return record(ctx, job, &content, stat, key, How::Uploaded, info).await;
+        }
+    }
+    let limit = dest.in_memory_limit();
+    let part_size = dest.part_size(stat.size);
     let hashed = {
         let file = file.clone();
         blocking(move || hash_for_upload(&file, stat.size, limit, part_size)).await
@@ -95,11 +111,6 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         Err(source) => return Err(Error::Read { path, source }),
     };
     let content = LocalContent::new(file, path, stat.size, sha256, extra);
-    let dest = &ctx.destination;
-    let previous = ctx
-        .ledger
-        .get(&job.source.id, &job.relative)?
-        .filter(|r| r.destination == dest.id());
     if let Some(previous) = previous
         .clone()
         .filter(|r| r.sha256 == content.sha256 && r.stat.size == stat.size)
@@ -120,7 +131,6 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         }));
     }
 
-    let key = object_key(dest.prefix(), &job.relative);
     // A log never shipped before most likely has no object yet: try to create it in one
     // request, and fall back to comparing only if something is there.
     if previous.is_none() {
@@ -129,7 +139,13 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
             return record(ctx, job, &content, stat, key, How::Uploaded, info).await;
         }
     }
-    let object = dest.head(&key).await?;
+    let mut object = dest.head(&key).await?;
+    if let (Some(object), Some(previous)) = (object.as_mut(), previous.as_ref()) {
+        object.sha256 = object
+            .sha256
+            .take()
+            .or_else(|| recorded_sha(previous, &key, object));
+    }
     let relation = relate(dest, &key, &content, object.as_ref()).await?;
     let (key, how, info) = match coexist::plan(relation, &key, &content.sha256) {
         Plan::Keep { key } => {
@@ -192,6 +208,16 @@ async fn record<D: Destination>(
         .record(&job.source.id, &job.relative, record)
         .await?;
     Ok(Outcome::Shipped(Shipped { stat, key, how }))
+}
+
+/// The SHA-256 of an object stored without one (sent while it was hashed), from the ledger
+/// record of that very object: same key, size and ETag.
+fn recorded_sha(previous: &Record, key: &str, object: &ObjectInfo) -> Option<String> {
+    let same = previous.key == key
+        && previous.stat.size == object.size
+        && object.etag.is_some()
+        && previous.etag == object.etag;
+    same.then(|| previous.sha256.clone())
 }
 
 /// Compares the file with the object under `key`, hashing only the prefix that matters.
@@ -461,5 +487,52 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", s.source.root.join(REL)).unwrap();
         assert_eq!(s.ship(stat).await, Outcome::Skipped(SkipReason::Symlink));
         assert_eq!(s.object(REL), None);
+    }
+
+    #[test]
+    fn an_object_without_a_hash_takes_the_ledgers_only_if_it_is_that_object() {
+        let previous = Record {
+            stat: FileStat {
+                size: 10,
+                mtime_ns: 1,
+            },
+            sha256: "ab".repeat(32),
+            destination: "s3://b/p".into(),
+            key: "p/x.log".into(),
+            etag: Some("\"e-3\"".into()),
+            version_id: None,
+            shipped_at_ms: 1,
+        };
+        let object = ObjectInfo {
+            size: 10,
+            sha256: None,
+            etag: Some("\"e-3\"".into()),
+            version_id: None,
+            confirmed: false,
+        };
+        assert_eq!(
+            recorded_sha(&previous, "p/x.log", &object),
+            Some(previous.sha256.clone())
+        );
+        assert_eq!(recorded_sha(&previous, "p/y.log", &object), None);
+        let rewritten = ObjectInfo {
+            etag: Some("\"f-3\"".into()),
+            ..object.clone()
+        };
+        assert_eq!(recorded_sha(&previous, "p/x.log", &rewritten), None);
+        let grown = ObjectInfo {
+            size: 11,
+            ..object.clone()
+        };
+        assert_eq!(recorded_sha(&previous, "p/x.log", &grown), None);
+        let no_etag = ObjectInfo {
+            etag: None,
+            ..object
+        };
+        let previous = Record {
+            etag: None,
+            ..previous
+        };
+        assert_eq!(recorded_sha(&previous, "p/x.log", &no_etag), None);
     }
 }

@@ -109,6 +109,21 @@ pub trait Destination: Send + Sync + 'static {
         }
     }
 
+    /// Writes a file not hashed yet, hashing it on the way, if nothing is stored under
+    /// `key` and this destination does so for a file of `size` bytes (the S3 store, for one
+    /// sent in parts). `None` when it did not write: the caller hashes the file first and
+    /// goes the usual way.
+    fn create_hashing(
+        &self,
+        _key: &str,
+        _file: Arc<File>,
+        _path: PathBuf,
+        _size: u64,
+    ) -> impl Future<Output = Result<Option<(LocalContent, ObjectInfo)>, DestinationError>> + Send
+    {
+        async { Ok(None) }
+    }
+
     /// Files smaller than this are read into memory once, hashed and written from there.
     fn in_memory_limit(&self) -> u64 {
         0

@@ -3,14 +3,16 @@
 //! Credentials come from the standard chain (environment, shared config and profiles, web
 //! identity, container and instance roles). Every upload carries a checksum the server checks
 //! before it accepts the bytes (SHA-256 for a single PUT, CRC-64/NVME per part for a multipart
-//! upload), and the file's SHA-256 as metadata so later `head` calls can compare without
-//! downloading.
+//! upload), and the file's SHA-256 as metadata when it is known before sending, so later
+//! `head` calls can compare without downloading.
 //! A single PUT is atomic; a multipart upload becomes visible only when completed, and is
 //! aborted on failure, so no half object ever appears under a key.
 
 mod errors;
 mod multipart;
 
+use std::fs::File;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use aws_config::environment::region::EnvironmentVariableRegionProvider;
@@ -302,6 +304,21 @@ impl Destination for S3Destination {
         self.put(key, content).await.map(Some)
     }
 
+    async fn create_hashing(
+        &self,
+        key: &str,
+        file: Arc<File>,
+        path: PathBuf,
+        size: u64,
+    ) -> Result<Option<(LocalContent, ObjectInfo)>, DestinationError> {
+        if self.multipart_part_size(size).is_none() || self.head(key).await?.is_some() {
+            return Ok(None);
+        }
+        self.put_multipart_hashing(key, file, path, size)
+            .await
+            .map(Some)
+    }
+
     fn in_memory_limit(&self) -> u64 {
         self.settings.multipart_threshold
     }
@@ -335,7 +352,12 @@ async fn blocking_read<T: Send + 'static>(
     let result = tokio::task::spawn_blocking(read)
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-    result.map_err(|source| match source.kind() {
+    result.map_err(|source| read_error(content, source))
+}
+
+/// A failed read of the file: cut short means it changed since it was opened.
+fn read_error(content: &LocalContent, source: std::io::Error) -> DestinationError {
+    match source.kind() {
         std::io::ErrorKind::UnexpectedEof => DestinationError::FileChanged {
             path: content.path.clone(),
         },
@@ -343,7 +365,7 @@ async fn blocking_read<T: Send + 'static>(
             path: content.path.clone(),
             source,
         },
-    })
+    }
 }
 
 #[cfg(test)]

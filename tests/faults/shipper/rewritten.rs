@@ -2,6 +2,7 @@
 //! parts went out: the store must refuse the changed part, so nothing is stored under the
 //! file's hash, and no upload is left open. Driven through the shipper's S3 destination in
 //! this process, because only that way does the rewrite land exactly between the two reads.
+//! A log sent while it is hashed is checked the same way, whole and cut short.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use localship_logshipper::destination::s3::{S3Destination, S3Settings};
 use localship_logshipper::destination::{Destination, DestinationError, LocalContent};
 use localship_logshipper::local_file::{hash_for_upload, open_beneath};
 use localship_tests::{scratch_dir, Minio};
+use sha2::{Digest, Sha256};
 
 use super::{hostile::Rows, BUCKET, PREFIX};
 
@@ -66,6 +68,49 @@ pub async fn run(minio: &Minio, rows: &mut Rows) -> Result<()> {
         &format!("confirmed by the store: {}", put.confirmed),
     );
 
+    // Sent while hashed: the store confirms the bytes the hash was computed from.
+    let key = format!("{PREFIX}/while-hashed.log");
+    let (file, stat) = open_beneath(&source, "big.log").context("open the log")?;
+    let path = source.join("big.log");
+    let created = dest
+        .create_hashing(&key, Arc::new(file), path.clone(), stat.size)
+        .await?;
+    let stored = minio.get_object(BUCKET, &key).await?;
+    let want = hex::encode(Sha256::digest(&bytes));
+    let (confirmed, sha) = created.as_ref().map_or((false, ""), |(content, info)| {
+        (info.confirmed, content.sha256.as_str())
+    });
+    rows.row(
+        "large log sent while hashed",
+        confirmed && sha == want && stored.as_ref() == Some(&bytes),
+        &format!(
+            "confirmed by the store: {confirmed}; SHA-256 as hashed: {}",
+            sha == want
+        ),
+    );
+
+    // Cut short after it was opened: the hashing read ends early, nothing is stored.
+    let key = format!("{PREFIX}/cut-short.log");
+    let (file, stat) = open_beneath(&source, "big.log").context("open the log")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)?
+        .set_len(12 * MIB)?;
+    let result = dest
+        .create_hashing(&key, Arc::new(file), path.clone(), stat.size)
+        .await;
+    let left = leftovers(minio, &key).await?;
+    rows.row(
+        "large log cut short while sent as hashed",
+        matches!(result, Err(DestinationError::FileChanged { .. })) && left == (false, 0),
+        &format!(
+            "create: {}; object stored: {}; open uploads: {}",
+            outcome(&result),
+            left.0,
+            left.1
+        ),
+    );
+
     // Rewritten in the fourth part, after hashing, with the same length.
     for (with_parts, name) in [
         (true, "large log rewritten after hashing"),
@@ -82,28 +127,38 @@ pub async fn run(minio: &Minio, rows: &mut Rows) -> Result<()> {
             .open(source.join("big.log"))?;
         edit.write_all_at(b"EDITED", 16 * MIB + 3)?;
         let result = dest.put(&key, &content).await;
-        let uploads = minio
-            .client()
-            .list_multipart_uploads()
-            .bucket(BUCKET)
-            .prefix(&key)
-            .send()
-            .await?;
-        let stored = minio.get_object(BUCKET, &key).await?;
+        let left = leftovers(minio, &key).await?;
         let refused = matches!(result, Err(DestinationError::FileChanged { .. }));
         rows.row(
             name,
-            refused && stored.is_none() && uploads.uploads().is_empty(),
+            refused && left == (false, 0),
             &format!(
                 "put: {}; object stored: {}; open uploads: {}",
-                match &result {
-                    Ok(_) => "accepted".to_owned(),
-                    Err(e) => e.to_string(),
-                },
-                stored.is_some(),
-                uploads.uploads().len()
+                outcome(&result),
+                left.0,
+                left.1
             ),
         );
     }
     Ok(())
+}
+
+/// Whether an object is stored under `key`, and how many uploads to it are still open.
+async fn leftovers(minio: &Minio, key: &str) -> Result<(bool, usize)> {
+    let uploads = minio
+        .client()
+        .list_multipart_uploads()
+        .bucket(BUCKET)
+        .prefix(key)
+        .send()
+        .await?;
+    let stored = minio.get_object(BUCKET, key).await?;
+    Ok((stored.is_some(), uploads.uploads().len()))
+}
+
+fn outcome<T>(result: &Result<T, DestinationError>) -> String {
+    match result {
+        Ok(_) => "accepted".to_owned(),
+        Err(e) => e.to_string(),
+    }
 }
