@@ -5,7 +5,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use crate::coexist::{self, prefix_check, Content, Plan, PrefixCheck, Relation};
-use crate::destination::{Destination, DestinationError, LocalContent, ObjectInfo};
+use crate::destination::{Destination, DestinationError, LocalContent, ObjectInfo, WhileHashing};
 use crate::discover::{SkipReason, Source};
 use crate::key::object_key;
 use crate::ledger::{now_ms, Ledger, Record, Recorder};
@@ -88,13 +88,19 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         .filter(|r| r.destination == dest.id());
     let key = object_key(dest.prefix(), &job.relative);
     // A large log never shipped before goes while it is hashed, where the store can.
+    // `found` is what stood under the key if the store already looked.
+    let mut found = None;
     if previous.is_none() {
-        let created = dest
+        match dest
             .create_hashing(&key, file.clone(), path.clone(), stat.size)
-            .await?;
-        if let Some((content, put)) = created {
-            let info = verified(dest, &key, &content, put).await?;
-            return record(ctx, job, &content, stat, key, How::Uploaded, info).await;
+            .await?
+        {
+            WhileHashing::Sent(content, put) => {
+                let info = verified(dest, &key, &content, put).await?;
+                return record(ctx, job, &content, stat, key, How::Uploaded, info).await;
+            }
+            WhileHashing::Taken(object) => found = Some(object),
+            WhileHashing::NotHere => {}
         }
     }
     let limit = dest.in_memory_limit();
@@ -133,13 +139,16 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
 
     // A log never shipped before most likely has no object yet: try to create it in one
     // request, and fall back to comparing only if something is there.
-    if previous.is_none() {
+    if previous.is_none() && found.is_none() {
         if let Some(put) = dest.create(&key, &content).await? {
             let info = verified(dest, &key, &content, put).await?;
             return record(ctx, job, &content, stat, key, How::Uploaded, info).await;
         }
     }
-    let mut object = dest.head(&key).await?;
+    let mut object = match found {
+        Some(object) => Some(object),
+        None => dest.head(&key).await?,
+    };
     if let (Some(object), Some(previous)) = (object.as_mut(), previous.as_ref()) {
         object.sha256 = object
             .sha256

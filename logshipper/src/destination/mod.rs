@@ -111,17 +111,15 @@ pub trait Destination: Send + Sync + 'static {
 
     /// Writes a file not hashed yet, hashing it on the way, if nothing is stored under
     /// `key` and this destination does so for a file of `size` bytes (the S3 store, for one
-    /// sent in parts). `None` when it did not write: the caller hashes the file first and
-    /// goes the usual way.
+    /// sent in parts). Otherwise the caller hashes the file first and goes the usual way.
     fn create_hashing(
         &self,
         _key: &str,
         _file: Arc<File>,
         _path: PathBuf,
         _size: u64,
-    ) -> impl Future<Output = Result<Option<(LocalContent, ObjectInfo)>, DestinationError>> + Send
-    {
-        async { Ok(None) }
+    ) -> impl Future<Output = Result<WhileHashing, DestinationError>> + Send {
+        async { Ok(WhileHashing::NotHere) }
     }
 
     /// Files smaller than this are read into memory once, hashed and written from there.
@@ -134,6 +132,17 @@ pub trait Destination: Send + Sync + 'static {
     fn part_size(&self, _size: u64) -> Option<u64> {
         None
     }
+}
+
+/// What `create_hashing` did.
+#[derive(Debug)]
+pub enum WhileHashing {
+    /// Written: the content as hashed on the way, and what was stored.
+    Sent(LocalContent, ObjectInfo),
+    /// Nothing written: the key already holds this object.
+    Taken(ObjectInfo),
+    /// Nothing written: this destination does not write this file while hashing it.
+    NotHere,
 }
 
 /// Why shipping to the destination failed.

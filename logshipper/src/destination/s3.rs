@@ -30,7 +30,9 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use super::{Destination, DestinationError, LocalContent, ObjectInfo, SHA256_METADATA};
+use super::{
+    Destination, DestinationError, LocalContent, ObjectInfo, WhileHashing, SHA256_METADATA,
+};
 use crate::local_file::read_at;
 
 /// Smallest part S3 accepts (but for the last).
@@ -310,13 +312,15 @@ impl Destination for S3Destination {
         file: Arc<File>,
         path: PathBuf,
         size: u64,
-    ) -> Result<Option<(LocalContent, ObjectInfo)>, DestinationError> {
-        if self.multipart_part_size(size).is_none() || self.head(key).await?.is_some() {
-            return Ok(None);
+    ) -> Result<WhileHashing, DestinationError> {
+        if self.multipart_part_size(size).is_none() {
+            return Ok(WhileHashing::NotHere);
         }
-        self.put_multipart_hashing(key, file, path, size)
-            .await
-            .map(Some)
+        if let Some(object) = self.head(key).await? {
+            return Ok(WhileHashing::Taken(object));
+        }
+        let (content, put) = self.put_multipart_hashing(key, file, path, size).await?;
+        Ok(WhileHashing::Sent(content, put))
     }
 
     fn in_memory_limit(&self) -> u64 {

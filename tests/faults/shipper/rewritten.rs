@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use localship_logshipper::destination::s3::{S3Destination, S3Settings};
-use localship_logshipper::destination::{Destination, DestinationError, LocalContent};
+use localship_logshipper::destination::{
+    Destination, DestinationError, LocalContent, WhileHashing,
+};
 use localship_logshipper::local_file::{hash_for_upload, open_beneath};
 use localship_tests::{scratch_dir, Minio};
 use sha2::{Digest, Sha256};
@@ -77,15 +79,36 @@ pub async fn run(minio: &Minio, rows: &mut Rows) -> Result<()> {
         .await?;
     let stored = minio.get_object(BUCKET, &key).await?;
     let want = hex::encode(Sha256::digest(&bytes));
-    let (confirmed, sha) = created.as_ref().map_or((false, ""), |(content, info)| {
-        (info.confirmed, content.sha256.as_str())
-    });
+    let (confirmed, sha) = match &created {
+        WhileHashing::Sent(content, info) => (info.confirmed, content.sha256.as_str()),
+        _ => (false, ""),
+    };
     rows.row(
         "large log sent while hashed",
         confirmed && sha == want && stored.as_ref() == Some(&bytes),
         &format!(
             "confirmed by the store: {confirmed}; SHA-256 as hashed: {}",
             sha == want
+        ),
+    );
+
+    // The same again: the key is taken, so nothing is sent and the object comes back.
+    let (file, stat) = open_beneath(&source, "big.log").context("open the log")?;
+    let again = dest
+        .create_hashing(&key, Arc::new(file), path.clone(), stat.size)
+        .await?;
+    let uploads = leftovers(minio, &key).await?.1;
+    let taken = matches!(&again, WhileHashing::Taken(info) if info.size == stat.size);
+    rows.row(
+        "large log whose key is taken is not sent again",
+        taken && uploads == 0,
+        &format!(
+            "create: {}; open uploads: {uploads}",
+            match again {
+                WhileHashing::Sent(..) => "sent again",
+                WhileHashing::Taken(_) => "key taken, nothing sent",
+                WhileHashing::NotHere => "declined",
+            }
         ),
     );
 
