@@ -34,6 +34,14 @@ impl FileStat {
             mtime_ns: meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec(),
         }
     }
+
+    /// The same from a raw `fstatat`.
+    pub fn of_raw(raw: &nix::sys::stat::FileStat) -> Self {
+        Self {
+            size: raw.st_size as u64,
+            mtime_ns: raw.st_mtime.saturating_mul(1_000_000_000) + raw.st_mtime_nsec,
+        }
+    }
 }
 
 /// Why a file could not be opened for shipping.

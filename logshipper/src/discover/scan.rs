@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use nix::dir::Type;
 use nix::fcntl::{open, openat, AtFlags, OFlag};
 use nix::sys::inotify::WatchDescriptor;
-use nix::sys::stat::{fstat, fstatat, FileStat as RawStat, Mode, SFlag};
+use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
 
 use super::watch::{Change, Watch, Watches};
 use super::{Event, SkipReason, Source};
@@ -83,13 +83,6 @@ impl Kind {
             Type::Symlink => Kind::Symlink,
             _ => Kind::Other,
         })
-    }
-}
-
-fn stat_of(raw: &RawStat) -> FileStat {
-    FileStat {
-        size: raw.st_size as u64,
-        mtime_ns: raw.st_mtime.saturating_mul(1_000_000_000) + raw.st_mtime_nsec,
     }
 }
 
@@ -376,7 +369,7 @@ impl Scan {
             };
             if kind != Kind::Dir {
                 self.consider(out, &path, kind, || {
-                    known.or_else(stat).map(|r| stat_of(&r))
+                    known.or_else(stat).map(|r| FileStat::of_raw(&r))
                 });
                 continue;
             }
