@@ -6,8 +6,10 @@ FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bins \
- && install -m 0755 target/release/localship-provisioner target/release/localship-logshipper /usr/local/bin/
+# `make dist`: each binary built on its own, so neither carries code that only the other's
+# dependencies switch on, with whole-program optimisation (BENCHMARKS.md, P3).
+RUN make dist \
+ && install -m 0755 target/dist/localship-provisioner target/dist/localship-logshipper /usr/local/bin/
 
 # distroless/cc: glibc, libgcc and CA certificates, no shell.
 FROM gcr.io/distroless/cc-debian12:nonroot

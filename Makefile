@@ -1,7 +1,7 @@
 # What people run. `make test` is what CI runs (after `make lint`).
 CARGO ?= cargo
 
-.PHONY: test servers build lint e2e faults bench fmt
+.PHONY: test servers build dist lint e2e faults bench fmt
 
 ## Build the real test servers (cached), the release binaries, then run every test.
 test: servers build
@@ -17,6 +17,12 @@ servers:
 ## The release binaries the e2e tests run (the same ones the image ships).
 build:
 	$(CARGO) build --release --locked --bins
+
+## The binaries as the image ships them (profile `dist`, each built on its own; slow).
+## `LOCALSHIP_PROFILE=dist` makes the tests and benches run these instead.
+dist:
+	$(CARGO) build --profile dist --locked -p localship-provisioner
+	$(CARGO) build --profile dist --locked -p localship-logshipper
 
 ## Only the end-to-end tests against the real servers.
 e2e: servers build

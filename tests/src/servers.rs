@@ -95,17 +95,19 @@ pub fn server_bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Path of one of this workspace's release binaries. The e2e tests run the
-/// same release build the container image ships; `make test` builds it first.
+/// Path of one of this workspace's binaries: the release build, which `make test` builds
+/// first, unless LOCALSHIP_PROFILE names another (`dist`, the image's build).
 pub fn localship_bin(name: &str) -> Result<PathBuf> {
+    // LOCALSHIP_PROFILE=dist runs the binaries as the image ships them.
+    let profile = std::env::var("LOCALSHIP_PROFILE").unwrap_or_else(|_| "release".into());
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
-        .join("release");
+        .join(&profile);
     let path = dir.join(name);
     if !path.is_file() {
         bail!(
-            "{} is missing: run `cargo build --release --locked --bins` first (`make test` does)",
+            "{} is missing: run `cargo build --profile {profile} --locked --bins` first (`make test` does)",
             path.display()
         );
     }
