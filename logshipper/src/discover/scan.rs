@@ -558,6 +558,32 @@ mod tests {
     use super::*;
     use crate::select::DEFAULT_INCLUDE;
 
+    /// A scan of `root` for Airflow's logs, and where its events go.
+    fn scan_of(root: &Path) -> (Scan, mpsc::Receiver<Event>) {
+        let include: Vec<String> = DEFAULT_INCLUDE.iter().map(|g| g.to_string()).collect();
+        let (events, rx) = mpsc::channel(1000);
+        let scan = Scan {
+            source: Arc::new(Source::new(root).unwrap()),
+            filter: Arc::new(Filter::new(&include, &[]).unwrap()),
+            events,
+            warned: Arc::default(),
+        };
+        (scan, rx)
+    }
+
+    /// The logs the scan reported, with their sizes; anything else it sent fails the test.
+    fn found(scan: Scan, mut rx: mpsc::Receiver<Event>) -> Vec<(String, u64)> {
+        drop(scan);
+        let mut found = Vec::new();
+        while let Some(event) = rx.blocking_recv() {
+            match event {
+                Event::Found { relative, stat, .. } => found.push((relative, stat.size)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        found
+    }
+
     #[test]
     fn threads_sharing_a_walk_report_each_file_once_and_watch_each_directory() {
         let dir = tempfile::tempdir().unwrap();
@@ -572,24 +598,10 @@ mod tests {
             }
         }
         want.sort();
-        let include: Vec<String> = DEFAULT_INCLUDE.iter().map(|g| g.to_string()).collect();
-        let (events, mut rx) = mpsc::channel(1000);
-        let scan = Scan {
-            source: Arc::new(Source::new(&root).unwrap()),
-            filter: Arc::new(Filter::new(&include, &[]).unwrap()),
-            events,
-            warned: Arc::default(),
-        };
+        let (scan, rx) = scan_of(&root);
         let watches = Watches::new().unwrap();
         scan.walk_in(&root, Some((&watches, None)), 4);
-        drop(scan);
-        let mut found = Vec::new();
-        while let Some(event) = rx.blocking_recv() {
-            match event {
-                Event::Found { relative, .. } => found.push(relative),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        let mut found: Vec<String> = found(scan, rx).into_iter().map(|(r, _)| r).collect();
         found.sort();
         assert_eq!(found, want);
         // The root, dag_id=d, 20 runs and 300 tasks.
@@ -607,14 +619,7 @@ mod tests {
         let outside = dir.path().join("outside");
         std::fs::create_dir_all(outside.join("run_id=r/task_id=t")).unwrap();
         std::fs::write(outside.join("run_id=r/task_id=t/attempt=9.log"), b"out").unwrap();
-        let include: Vec<String> = DEFAULT_INCLUDE.iter().map(|g| g.to_string()).collect();
-        let (events, mut rx) = mpsc::channel(100);
-        let scan = Scan {
-            source: Arc::new(Source::new(&root).unwrap()),
-            filter: Arc::new(Filter::new(&include, &[]).unwrap()),
-            events,
-            warned: Arc::default(),
-        };
+        let (scan, rx) = scan_of(&root);
         // The walk has listed dag_id=d and holds it open; then it is swapped for a link.
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
         let listed = open(&root.join("dag_id=d"), flags, Mode::empty()).unwrap();
@@ -626,15 +631,7 @@ mod tests {
             parent_wd: None,
         };
         scan.walk_from(next, None, 1);
-        drop(scan);
-        let mut found = Vec::new();
-        while let Some(event) = rx.blocking_recv() {
-            match event {
-                Event::Found { relative, stat, .. } => found.push((relative, stat.size)),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
         // What was listed is the directory that was opened, now under `moved`.
-        assert_eq!(found, vec![(inside.to_owned(), 2)]);
+        assert_eq!(found(scan, rx), vec![(inside.to_owned(), 2)]);
     }
 }
