@@ -29,17 +29,18 @@ pub struct FileStat {
 
 impl FileStat {
     pub fn of(meta: &Metadata) -> Self {
-        Self {
-            size: meta.len(),
-            mtime_ns: meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec(),
-        }
+        Self::new(meta.len(), meta.mtime(), meta.mtime_nsec())
     }
 
     /// The same from a raw `fstatat`.
     pub fn of_raw(raw: &nix::sys::stat::FileStat) -> Self {
+        Self::new(raw.st_size as u64, raw.st_mtime, raw.st_mtime_nsec)
+    }
+
+    fn new(size: u64, mtime_s: i64, mtime_nsec: i64) -> Self {
         Self {
-            size: raw.st_size as u64,
-            mtime_ns: raw.st_mtime.saturating_mul(1_000_000_000) + raw.st_mtime_nsec,
+            size,
+            mtime_ns: mtime_s.saturating_mul(1_000_000_000) + mtime_nsec,
         }
     }
 }
