@@ -32,8 +32,9 @@ const DEBOUNCE: Duration = Duration::from_millis(250);
 /// Events sent together.
 const BURST: usize = 64;
 
-/// Threads at most for a first walk.
-const MAX_WALKERS: usize = 4;
+/// Threads for a first walk, more than most nodes' cores: a thread whose directory block is
+/// not in memory waits for the disk, and the others keep the cores busy meanwhile.
+const WALKERS: usize = 8;
 
 /// A directory waiting to be listed.
 struct Dir {
@@ -241,9 +242,7 @@ impl Scan {
                     None
                 }
                 Walk::Watching(watches) => {
-                    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-                    let threads = threads.min(MAX_WALKERS);
-                    scan.walk_in(&root, watches.as_ref().map(|w| (w, None)), threads);
+                    scan.walk_in(&root, watches.as_ref().map(|w| (w, None)), WALKERS);
                     watches
                 }
             };
@@ -261,7 +260,7 @@ impl Scan {
     }
 
     /// [`Scan::walk`] on `threads` threads sharing one stack of directories: a first walk
-    /// of a large tree is bound by the kernel's directory reads, one core's worth per thread.
+    /// of a large tree is bound by the kernel's directory reads.
     fn walk_in(
         &self,
         from: &Path,
