@@ -30,6 +30,7 @@ pub mod ship;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -47,6 +48,9 @@ use crate::ship::Context;
 
 /// Events from discovery waiting for the loop; beyond this, discovery waits.
 const EVENT_QUEUE: usize = 4096;
+
+/// How often a daemon hands freed heap back to the kernel.
+const HEAP_EVERY: Duration = Duration::from_secs(15);
 
 /// Everything that can go wrong, as data: what to fix is in the message.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +190,8 @@ pub async fn run_with<D: Destination>(
         let watch = health::watch_destination(ctx.clone(), ok_tx, recheck.clone(), metrics.clone());
         Some(tokio::spawn(watch))
     };
+    // A burst of logs leaves its peak resident otherwise; `--once` exits instead.
+    let heap = (!args.once).then(|| tokio::spawn(localship_heap::give_back_every(HEAP_EVERY)));
     tracing::info!(
         destination = ctx.destination.id(),
         once = args.once,
@@ -240,6 +246,9 @@ pub async fn run_with<D: Destination>(
     }
     if let Some(checker) = checker {
         checker.abort();
+    }
+    if let Some(heap) = heap {
+        heap.abort();
     }
     if let Some(server) = server {
         if args.once {

@@ -272,6 +272,8 @@ impl<D: Destination> Pipeline<D> {
             Event::WalkDone { source } => {
                 tracing::info!(source = %source.root.display(), "first walk done");
                 self.ledgered.remove(&source.id);
+                // The walk's threads and the ledger's read leave freed heap behind.
+                localship_heap::give_back();
                 self.sources.insert(source.id.clone(), source);
                 self.walks_left = self.walks_left.saturating_sub(1);
                 self.publish_readiness();

@@ -9,7 +9,6 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod disk;
-pub mod heap;
 pub mod http;
 pub mod metrics;
 pub mod paths;

@@ -3,7 +3,7 @@ use localship_provisioner::cli::{Args, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    localship_provisioner::heap::one_arena();
+    localship_heap::one_arena();
     tokio::runtime::Runtime::new()?.block_on(serve())
 }
 

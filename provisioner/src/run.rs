@@ -12,13 +12,14 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
+use localship_heap as heap;
 
 use crate::annotations::NODE_LABEL;
 use crate::cli::Args;
 use crate::config::{Config, Placement};
 use crate::context::{watch_config, Context, SharedConfig};
 use crate::metrics::Metrics;
-use crate::{disk, heap, http, provision, reclaim, sweep, Error, Result};
+use crate::{disk, http, provision, reclaim, sweep, Error, Result};
 
 pub async fn run(args: Args, client: Client) -> Result<()> {
     let config = match &args.config {

@@ -1,6 +1,7 @@
 //! Gives freed heap back to the kernel. glibc keeps what a burst of work freed (the first
-//! list of every claim in the cluster, a wave of provisioning) mapped for reuse, so an idle
-//! agent would go on showing its busiest moment as resident memory on every node.
+//! list of every claim in the cluster, a first walk over a large volume, a wave of work)
+//! mapped for reuse, so an idle agent would go on showing its busiest moment as resident
+//! memory on every node.
 
 use std::time::Duration;
 
