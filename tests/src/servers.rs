@@ -98,7 +98,6 @@ pub fn server_bin(name: &str) -> Result<PathBuf> {
 /// Path of one of this workspace's binaries: the release build, which `make test` builds
 /// first, unless LOCALSHIP_PROFILE names another (`dist`, the image's build).
 pub fn localship_bin(name: &str) -> Result<PathBuf> {
-    // LOCALSHIP_PROFILE=dist runs the binaries as the image ships them.
     let profile = std::env::var("LOCALSHIP_PROFILE").unwrap_or_else(|_| "release".into());
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -106,10 +105,12 @@ pub fn localship_bin(name: &str) -> Result<PathBuf> {
         .join(&profile);
     let path = dir.join(name);
     if !path.is_file() {
-        bail!(
-            "{} is missing: run `cargo build --profile {profile} --locked --bins` first (`make test` does)",
-            path.display()
-        );
+        let build = match profile.as_str() {
+            "release" => "`cargo build --release --locked --bins` (`make test` does)".to_owned(),
+            "dist" => "`make dist`".to_owned(),
+            other => format!("`cargo build --profile {other} --locked --bins`"),
+        };
+        bail!("{} is missing: run {build} first", path.display());
     }
     Ok(path)
 }
