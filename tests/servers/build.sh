@@ -15,7 +15,7 @@ cache_root=${LOCALSHIP_TEST_CACHE:-$HOME/.cache/localship-test}
 key=$( (go version; cat "$0" "$here/versions.env" "$here/kube/go.mod" "$here/kube/go.sum") | sha256sum | cut -c1-12)
 out="$cache_root/$key"
 bin="$out/bin"
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl minio mc)
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy minio mc)
 
 have_all() {
   local b
@@ -43,12 +43,14 @@ for pkg in $kube_pkg $client_pkg; do
   kube_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
-echo "servers: building Kubernetes $KUBE_VERSION control plane and etcd (cold build, several minutes)" >&2
+echo "servers: building Kubernetes $KUBE_VERSION control plane, kubelet, kube-proxy and etcd (cold build, several minutes)" >&2
 (cd "$here/kube" && go build -trimpath -ldflags "$kube_ldflags" -o "$bin/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
-  k8s.io/kubernetes/cmd/kubectl)
+  k8s.io/kubernetes/cmd/kubectl \
+  k8s.io/kubernetes/cmd/kubelet \
+  k8s.io/kubernetes/cmd/kube-proxy)
 (cd "$here/kube" && go build -trimpath -ldflags "$ldflags" -o "$bin/etcd" ./etcd)
 
 echo "servers: building MinIO $MINIO_VERSION and mc $MC_VERSION" >&2
