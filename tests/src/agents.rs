@@ -147,9 +147,14 @@ impl ProvisionerAgent {
 
 /// A plain HTTP/1.0 GET on 127.0.0.1: (status, body).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    http_get_at(std::net::Ipv4Addr::LOCALHOST, port, path)
+}
+
+/// A plain HTTP/1.0 GET on `address`: (status, body).
+pub fn http_get_at(address: std::net::Ipv4Addr, port: u16, path: &str) -> Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect((address, port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let code = text

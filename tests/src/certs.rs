@@ -45,8 +45,9 @@ impl Pki {
         })
     }
 
-    /// Serving certificate for 127.0.0.1/localhost and the in-cluster names.
-    pub fn server(&self, cn: &str) -> Result<CertPair> {
+    /// Serving certificate for 127.0.0.1/localhost, the in-cluster names and
+    /// `addresses`.
+    pub fn server(&self, cn: &str, addresses: &[Ipv4Addr]) -> Result<CertPair> {
         let mut params = CertificateParams::new(vec![
             "localhost".to_string(),
             "kubernetes".to_string(),
@@ -56,6 +57,11 @@ impl Pki {
         params
             .subject_alt_names
             .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        for address in addresses {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V4(*address)));
+        }
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params)

@@ -2,7 +2,11 @@
 //! certificates, service-account tokens, Node+RBAC authorization, the default
 //! admission plugins), kube-controller-manager and kube-scheduler, plus two
 //! registered Nodes. There is no kubelet: pods are scheduled but never run.
+//! [`ControlPlane::start_for_real_nodes`] starts one for the kubelets of
+//! [`crate::node`] instead: served on an address pods can reach, with no
+//! registered nodes.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::{Mutex, OnceLock};
@@ -31,7 +35,24 @@ const CONTROLLERS: &str = "serviceaccount,serviceaccount-token,namespace,garbage
 persistentvolume-binder,pv-protection,pvc-protection,persistentvolume-expander,statefulset,\
 replicaset,deployment,daemonset,root-ca-cert-publisher,clusterrole-aggregation";
 
+/// What a real node needs on top: Services answered by kube-proxy, and a
+/// node that goes NotReady when its kubelet stops heartbeating.
+const REAL_NODE_CONTROLLERS: &str = "endpoint,endpointslice,nodelifecycle,podgc,ttl";
+
+/// The ClusterIP of the `kubernetes` Service (first of the service range):
+/// pods reach the apiserver there and check its certificate against it.
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+
 const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Where the nodes of a control plane come from.
+#[derive(Debug, Clone, Copy)]
+enum Nodes {
+    /// [`NODES`], registered Ready by the harness; nothing runs pods.
+    Registered,
+    /// Kubelets register themselves; the apiserver serves on `address`.
+    Real { address: Ipv4Addr },
+}
 
 pub struct ControlPlane {
     dir: PathBuf,
@@ -54,7 +75,7 @@ pub fn control_plane() -> Result<&'static ControlPlane> {
                     .enable_all()
                     .build()
                     .map_err(|e| e.to_string())?;
-                rt.block_on(ControlPlane::start())
+                rt.block_on(ControlPlane::start(Nodes::Registered))
                     .map_err(|e| format!("{e:#}"))
             })
             .join()
@@ -65,12 +86,24 @@ pub fn control_plane() -> Result<&'static ControlPlane> {
 }
 
 impl ControlPlane {
-    async fn start() -> Result<Self> {
+    /// A control plane of its own for real kubelets: the apiserver listens on
+    /// `address` (a bridge address the node's pods reach) and publishes it
+    /// as the `kubernetes` Service's endpoint, and reaches kubelets by their
+    /// InternalIP (never through a DNS lookup of the node's name).
+    pub async fn start_for_real_nodes(address: Ipv4Addr) -> Result<Self> {
+        Self::start(Nodes::Real { address }).await
+    }
+
+    async fn start(nodes: Nodes) -> Result<Self> {
         let dir = scratch_dir("cluster")?;
         let pki = Pki::new()?;
         let ca_path = dir.join("ca.crt");
         std::fs::write(&ca_path, &pki.ca.cert_pem)?;
-        let serving = pki.server("kube-apiserver")?;
+        let address = match nodes {
+            Nodes::Registered => Ipv4Addr::LOCALHOST,
+            Nodes::Real { address } => address,
+        };
+        let serving = pki.server("kube-apiserver", &[address, KUBERNETES_SERVICE_IP])?;
         let (tls_cert, tls_key) = write_pair(&dir, "apiserver", &serving)?;
         let (sa_private, sa_public) = service_account_key()?;
         let sa_key = dir.join("service-account.key");
@@ -82,11 +115,11 @@ impl ControlPlane {
         let etcd_url = start_etcd(&dir, &mut processes)?;
 
         let port = free_port();
-        let server = format!("https://127.0.0.1:{port}");
-        let apiserver_args = vec![
+        let server = format!("https://{address}:{port}");
+        let mut apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={address}"),
+            format!("--advertise-address={address}"),
             format!("--secure-port={port}"),
             format!("--cert-dir={}", dir.join("apiserver-certs").display()),
             format!("--tls-cert-file={}", tls_cert.display()),
@@ -97,11 +130,25 @@ impl ControlPlane {
             format!("--service-account-key-file={}", sa_pub.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
-            // The `kubernetes` Service cannot point at a loopback address.
-            "--endpoint-reconciler-type=none".into(),
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
         ];
+        match nodes {
+            // The `kubernetes` Service cannot point at a loopback address.
+            Nodes::Registered => apiserver_args.push("--endpoint-reconciler-type=none".into()),
+            Nodes::Real { .. } => {
+                let kubelet_client =
+                    pki.client("kube-apiserver-kubelet-client", Some("system:masters"))?;
+                let (cert, key) = write_pair(&dir, "kubelet-client", &kubelet_client)?;
+                apiserver_args.extend([
+                    // `kubectl logs`/`exec` would otherwise resolve the node's
+                    // name through the machine's resolver: traffic off the machine.
+                    "--kubelet-preferred-address-types=InternalIP".into(),
+                    format!("--kubelet-client-certificate={}", cert.display()),
+                    format!("--kubelet-client-key={}", key.display()),
+                ]);
+            }
+        }
         processes.push(spawn_apiserver(&apiserver_args, &dir)?);
 
         let admin_kubeconfig = dir.join("admin.kubeconfig");
@@ -122,17 +169,23 @@ impl ControlPlane {
             processes: Mutex::new(processes),
         };
         plane.wait_apiserver_ready().await?;
-        plane.start_controllers(&ca_path, &sa_key)?;
-        plane.register_nodes().await?;
+        plane.start_controllers(&ca_path, &sa_key, nodes)?;
+        if let Nodes::Registered = nodes {
+            plane.register_nodes().await?;
+        }
         // The serviceaccount controller making `default` proves the
         // controller-manager is up and authorised.
         plane.wait_default_service_account("default").await?;
         Ok(plane)
     }
 
-    fn start_controllers(&self, ca_path: &Path, sa_key: &Path) -> Result<()> {
+    fn start_controllers(&self, ca_path: &Path, sa_key: &Path, nodes: Nodes) -> Result<()> {
         let cm =
             self.kubeconfig_for("system:kube-controller-manager", None, "controller-manager")?;
+        let controllers = match nodes {
+            Nodes::Registered => CONTROLLERS.to_string(),
+            Nodes::Real { .. } => format!("{CONTROLLERS},{REAL_NODE_CONTROLLERS}"),
+        };
         let cm_args = vec![
             format!("--kubeconfig={}", cm.display()),
             format!("--authentication-kubeconfig={}", cm.display()),
@@ -143,7 +196,7 @@ impl ControlPlane {
             "--use-service-account-credentials=true".into(),
             format!("--service-account-private-key-file={}", sa_key.display()),
             format!("--root-ca-file={}", ca_path.display()),
-            format!("--controllers={CONTROLLERS}"),
+            format!("--controllers={controllers}"),
             "--pvclaimbinder-sync-period=1s".into(),
             "--profiling=false".into(),
         ];
@@ -175,7 +228,8 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// `https://127.0.0.1:<port>` of the apiserver.
+    /// `https://<address>:<port>` of the apiserver (127.0.0.1 unless it
+    /// serves real nodes).
     pub fn server(&self) -> &str {
         &self.server
     }

@@ -1,6 +1,7 @@
 //! A real MinIO server on loopback, one per test so a test may stop and
 //! restart it, with an aws-sdk-s3 client pointed at it.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ pub const REGION: &str = "us-east-1";
 
 pub struct Minio {
     dir: PathBuf,
+    address: Ipv4Addr,
     port: u16,
     process: Option<Process>,
 }
@@ -27,8 +29,15 @@ pub struct Minio {
 impl Minio {
     /// Starts MinIO with a fresh data directory and waits until it answers S3.
     pub async fn start() -> Result<Self> {
+        Self::start_on(Ipv4Addr::LOCALHOST).await
+    }
+
+    /// Like [`start`](Self::start), listening on `address` (a bridge address
+    /// a real node's pods reach) instead of loopback.
+    pub async fn start_on(address: Ipv4Addr) -> Result<Self> {
         let mut minio = Self {
             dir: scratch_dir("minio")?,
+            address,
             port: free_port(),
             process: None,
         };
@@ -36,9 +45,9 @@ impl Minio {
         Ok(minio)
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://<address>:<port>`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.address, self.port)
     }
 
     /// Environment for a process that should reach this MinIO through the
@@ -75,8 +84,8 @@ impl Minio {
         let args = vec![
             "server".to_string(),
             data.display().to_string(),
-            format!("--address=127.0.0.1:{}", self.port),
-            format!("--console-address=127.0.0.1:{}", free_port()),
+            format!("--address={}:{}", self.address, self.port),
+            format!("--console-address={}:{}", self.address, free_port()),
             "--quiet".into(),
         ];
         let envs = vec![
@@ -113,7 +122,8 @@ impl Minio {
     /// own Prometheus counters.
     pub fn s3_requests(&self) -> Result<u64> {
         // The v3 endpoint is current; v2's counters are cached for seconds.
-        let (code, body) = crate::agents::http_get(self.port, "/minio/metrics/v3/api/requests")?;
+        let (code, body) =
+            crate::agents::http_get_at(self.address, self.port, "/minio/metrics/v3/api/requests")?;
         anyhow::ensure!(code == 200, "MinIO metrics answered {code}");
         Ok(body
             .lines()
