@@ -1,15 +1,17 @@
 # What people run. `make test` is what CI runs (after `make lint`).
 CARGO ?= cargo
 
-.PHONY: test servers build dist lint e2e faults bench fmt
+.PHONY: test servers build dist lint e2e faults node bench fmt
 
 ## Build the real test servers (cached), the release binaries, then run every test.
 test: servers build
 	$(CARGO) test --release --locked --workspace
 
-## Build etcd, the Kubernetes v1.32 control plane, MinIO, mc and helm from
-## their Go modules into ~/.cache/localship-test (a no-op when cached).
+## Build etcd, the Kubernetes v1.32 control plane, kubelet, kube-proxy, MinIO,
+## mc and helm from their Go modules into ~/.cache/localship-test (a no-op
+## when cached), and install the real node's Debian packages where missing.
 servers:
+	bash tests/servers/node-packages.sh
 	bash tests/servers/build.sh >/dev/null
 	bash tests/servers/helm/build.sh >/dev/null
 	bash tests/airflow/setup.sh >/dev/null
@@ -31,6 +33,10 @@ e2e: servers build
 ## Only the fault suite: kills, an apiserver restart, hostile inputs (minutes).
 faults: servers build
 	$(CARGO) test --release --locked -p localship-tests --test faults
+
+## Only the real-node suite: localship installed on a kubelet with containerd (minutes).
+node: servers build
+	$(CARGO) test --release --locked -p localship-tests --test node
 
 ## Every benchmark, each printing its table with ratios against its anchor (an hour).
 bench: servers build

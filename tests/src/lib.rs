@@ -1,7 +1,8 @@
 //! Real servers on loopback for localship's end-to-end tests and benchmarks:
 //! etcd and the Kubernetes v1.32 control plane ([`cluster`]), MinIO
 //! ([`minio`]), each built from its Go module by `tests/servers/build.sh` and
-//! cached outside the repository.
+//! cached outside the repository; and one real node ([`node`]): containerd,
+//! the kubelet and kube-proxy, running the images the harness builds.
 
 pub mod agents;
 pub mod airflow;
@@ -12,6 +13,7 @@ pub mod claims;
 pub mod cluster;
 pub mod kubeconfig;
 pub mod minio;
+pub mod node;
 pub mod process;
 pub mod servers;
 pub mod shipper;
