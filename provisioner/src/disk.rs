@@ -8,7 +8,7 @@
 //! stops the removal instead of emptying someone else's filesystem.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -18,9 +18,6 @@ use nix::fcntl::{open, openat, AtFlags, OFlag};
 use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use thiserror::Error;
-
-/// Deeper trees than this are refused rather than risk exhausting descriptors.
-const MAX_DEPTH: usize = 256;
 
 #[derive(Debug, Error)]
 pub enum DiskError {
@@ -34,8 +31,10 @@ pub enum DiskError {
     NotADirectory { path: PathBuf },
     #[error("{path} is a mount point inside a volume; unmount it, then the volume is removed")]
     MountPoint { path: PathBuf },
-    #[error("{path} is nested more than {MAX_DEPTH} levels deep; remove it by hand")]
-    TooDeep { path: PathBuf },
+    #[error(
+        "{path} changed while it was being removed (moved or replaced); the removal is retried"
+    )]
+    Changed { path: PathBuf },
 }
 
 /// Space on the filesystem holding a base path, as unprivileged users see it.
@@ -179,28 +178,100 @@ pub fn remove_volume_dir(base: &Path, rel: &Path) -> Result<Removed, DiskError> 
         Err(Errno::ENOENT) => return Ok(Removed::default()),
         Err(errno) => return Err(io(&path, "open")(errno)),
     };
-    let dev = fstat(dir.as_fd()).map_err(io(&path, "stat"))?.st_dev;
     let mut removed = Removed::default();
-    remove_contents(dir, dev, &path, 0, &mut removed)?;
+    remove_contents(dir, &path, &mut removed)?;
     unlinkat(parent.as_fd(), *last, UnlinkatFlags::RemoveDir).map_err(io(&path, "rmdir"))?;
     removed.dirs += 1;
     Ok(removed)
 }
 
+/// A directory on the way down: who it is, its name in its parent, and the
+/// subdirectories still to remove.
+struct Level {
+    id: (u64, u64),
+    name: CString,
+    path: PathBuf,
+    subdirs: Vec<CString>,
+}
+
+/// Empties `root`, depth first, holding only the root's descriptor and the
+/// current directory's. Going back up is `..`, checked against the inode
+/// recorded on the way down, so a directory moved meanwhile stops the
+/// removal instead of leading it elsewhere.
 fn remove_contents(
-    dir: OwnedFd,
-    dev: u64,
-    path: &Path,
-    depth: usize,
+    root: OwnedFd,
+    root_path: &Path,
     removed: &mut Removed,
 ) -> Result<(), DiskError> {
-    if depth > MAX_DEPTH {
-        return Err(DiskError::TooDeep {
-            path: path.to_path_buf(),
-        });
+    let root_mount = mount_id(root.as_fd()).map_err(io(root_path, "statx"))?;
+    let root_stat = fstat(root.as_fd()).map_err(io(root_path, "stat"))?;
+    let mut current = nix::unistd::dup(root.as_fd()).map_err(io(root_path, "dup"))?;
+    let mut stack = vec![Level {
+        id: (root_stat.st_dev, root_stat.st_ino),
+        name: CString::default(),
+        path: root_path.to_path_buf(),
+        subdirs: empty_files(current.as_fd(), root_path, removed)?,
+    }];
+    while let Some(top) = stack.last_mut() {
+        if let Some(name) = top.subdirs.pop() {
+            let path = top.path.join(OsStr::from_bytes(name.as_bytes()));
+            let child = match openat(current.as_fd(), name.as_c_str(), dir_flags(), Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => continue,
+                Err(errno) => return Err(io(&path, "open")(errno)),
+            };
+            if mount_id(child.as_fd()).map_err(io(&path, "statx"))? != root_mount {
+                return Err(DiskError::MountPoint { path });
+            }
+            let st = fstat(child.as_fd()).map_err(io(&path, "stat"))?;
+            let subdirs = empty_files(child.as_fd(), &path, removed)?;
+            current = child;
+            stack.push(Level {
+                id: (st.st_dev, st.st_ino),
+                name,
+                path,
+                subdirs,
+            });
+            continue;
+        }
+        let done = stack.pop().expect("the loop holds a level");
+        let Some(parent) = stack.last() else {
+            break;
+        };
+        current = if stack.len() == 1 {
+            nix::unistd::dup(root.as_fd()).map_err(io(root_path, "dup"))?
+        } else {
+            let up = openat(current.as_fd(), "..", dir_flags(), Mode::empty())
+                .map_err(io(&parent.path, "open"))?;
+            let st = fstat(up.as_fd()).map_err(io(&parent.path, "stat"))?;
+            if (st.st_dev, st.st_ino) != parent.id {
+                return Err(DiskError::Changed {
+                    path: parent.path.clone(),
+                });
+            }
+            up
+        };
+        unlinkat(
+            current.as_fd(),
+            done.name.as_c_str(),
+            UnlinkatFlags::RemoveDir,
+        )
+        .map_err(io(&done.path, "rmdir"))?;
+        removed.dirs += 1;
     }
+    Ok(())
+}
+
+/// Unlinks every entry of `dir` that is not a directory (symlinks, sockets
+/// and files alike: the entry goes, any target stays) and returns the names
+/// of its subdirectories.
+fn empty_files(
+    dir: BorrowedFd,
+    path: &Path,
+    removed: &mut Removed,
+) -> Result<Vec<CString>, DiskError> {
     let names: Vec<CString> = {
-        let listing = nix::unistd::dup(dir.as_fd()).map_err(io(path, "dup"))?;
+        let listing = nix::unistd::dup(dir).map_err(io(path, "dup"))?;
         let mut listing = Dir::from_fd(listing).map_err(io(path, "opendir"))?;
         listing
             .iter()
@@ -209,32 +280,53 @@ fn remove_contents(
             .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
             .collect()
     };
+    let mut subdirs = Vec::new();
     for name in names {
-        let child = path.join(OsStr::from_bytes(name.as_bytes()));
-        let st = match fstatat(dir.as_fd(), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        let child = || path.join(OsStr::from_bytes(name.as_bytes()));
+        let st = match fstatat(dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::ENOENT) => continue,
-            Err(errno) => return Err(io(&child, "stat")(errno)),
+            Err(errno) => return Err(io(&child(), "stat")(errno)),
         };
-        let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
-        if is_dir {
-            if st.st_dev != dev {
-                return Err(DiskError::MountPoint { path: child });
-            }
-            let sub = openat(dir.as_fd(), name.as_c_str(), dir_flags(), Mode::empty())
-                .map_err(io(&child, "open"))?;
-            remove_contents(sub, dev, &child, depth + 1, removed)?;
-            unlinkat(dir.as_fd(), name.as_c_str(), UnlinkatFlags::RemoveDir)
-                .map_err(io(&child, "rmdir"))?;
-            removed.dirs += 1;
-        } else {
-            // Symlinks, sockets and files alike: the entry goes, its target stays.
-            unlinkat(dir.as_fd(), name.as_c_str(), UnlinkatFlags::NoRemoveDir)
-                .map_err(io(&child, "unlink"))?;
-            removed.files += 1;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+            subdirs.push(name);
+            continue;
+        }
+        match unlinkat(dir, name.as_c_str(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) => removed.files += 1,
+            Err(Errno::ENOENT) => {}
+            // A file bind-mounted onto an entry is busy: a mount point too.
+            Err(Errno::EBUSY) => return Err(DiskError::MountPoint { path: child() }),
+            Err(errno) => return Err(io(&child(), "unlink")(errno)),
         }
     }
-    Ok(())
+    Ok(subdirs)
+}
+
+/// The id of the mount `fd` lies on (statx `STATX_MNT_ID`, Linux 5.8+):
+/// unlike the device number, it tells a bind mount of the same filesystem
+/// apart.
+fn mount_id(fd: BorrowedFd) -> Result<u64, Errno> {
+    // SAFETY: statx writes at most size_of::<statx>() bytes into `stx`, and
+    // the empty path is a valid NUL-terminated string.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(Errno::last());
+    }
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        // Without mount ids a bind mount cannot be told apart: refuse.
+        return Err(Errno::ENOSYS);
+    }
+    Ok(stx.stx_mnt_id)
 }
 
 #[cfg(test)]
@@ -335,6 +427,41 @@ mod tests {
         symlink(&outside, base.join("vol")).unwrap();
         assert!(remove_volume_dir(&base, Path::new("vol")).is_err());
         assert!(outside.join("precious").exists());
+    }
+
+    #[test]
+    fn removal_finishes_at_any_depth() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        let vol = create_volume_dir(&base, Path::new("vol"), 0o777).unwrap();
+        // Deeper than PATH_MAX allows by name: built one level at a time.
+        let mut dir = std::fs::File::open(&vol).unwrap();
+        let levels = 3000;
+        for i in 0..levels {
+            mkdirat(dir.as_fd(), "d", Mode::from_bits_truncate(0o700)).unwrap();
+            let fd = openat(dir.as_fd(), "d", dir_flags(), Mode::empty()).unwrap();
+            if i % 100 == 0 {
+                let f = openat(
+                    fd.as_fd(),
+                    "log",
+                    OFlag::O_CREAT | OFlag::O_WRONLY,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .unwrap();
+                drop(f);
+            }
+            dir = std::fs::File::from(fd);
+        }
+        drop(dir);
+        let removed = remove_volume_dir(&base, Path::new("vol")).unwrap();
+        assert_eq!(
+            removed,
+            Removed {
+                files: 30,
+                dirs: levels + 1
+            }
+        );
+        assert!(!vol.exists());
     }
 
     #[test]
