@@ -20,7 +20,7 @@ use crate::annotations::{
     BASE_PATH, CLEANUP_FINALIZER, HOST_PATH, NODE, PROVISIONED_BY, SHIP_LOGS_FINALIZER,
 };
 use crate::context::Context;
-use crate::{disk, paths, Error, Result};
+use crate::{disk, paths, volume, Error, Result};
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
     let ours = pv
@@ -28,6 +28,18 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         .get(PROVISIONED_BY)
         .is_some_and(|p| ctx.names.contains(p));
     if !ours || pv.annotations().get(NODE) != Some(&ctx.node) {
+        return Ok(Action::await_change());
+    }
+    if let Err(why) = volume::pinned_node(&pv) {
+        // Says this node's, yet is not consistently so: nothing is touched.
+        let note = format!(
+            "not managing PV {}: it claims node {} but {why}; its directory is left alone",
+            pv.name_any(),
+            ctx.node
+        );
+        tracing::warn!(pv = %pv.name_any(), "{note}");
+        ctx.event(&pv.object_ref(&()), true, "VolumeNotOwned", "Delete", note)
+            .await;
         return Ok(Action::await_change());
     }
     let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
@@ -73,7 +85,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     }
     if reclaim == "Delete" {
         let start = Instant::now();
-        match remove_directory(&pv).await {
+        match remove_directory(&pv, &ctx).await {
             Ok(removed) => {
                 tracing::info!(pv = %pv.name_any(), files = removed.files, dirs = removed.dirs, "directory removed");
                 ctx.metrics
@@ -118,7 +130,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     Ok(Action::await_change())
 }
 
-async fn remove_directory(pv: &PersistentVolume) -> Result<disk::Removed> {
+async fn remove_directory(pv: &PersistentVolume, ctx: &Context) -> Result<disk::Removed> {
     let ann = pv.annotations();
     let (Some(base), Some(host)) = (ann.get(BASE_PATH), ann.get(HOST_PATH)) else {
         return Err(Error::Invalid(format!(
@@ -127,6 +139,22 @@ async fn remove_directory(pv: &PersistentVolume) -> Result<disk::Removed> {
         )));
     };
     let base = PathBuf::from(base);
+    // Only a base path this node's own config names: the annotation is
+    // anyone's who may write PVs.
+    let configured = ctx.config.get().all_paths(&ctx.node);
+    if !configured.contains(&base) {
+        return Err(Error::Invalid(format!(
+            "{} is not one of this node's base paths ({}); nothing is removed. \
+             If it was, add it back to the config, or remove {host} and this PV's \
+             {CLEANUP_FINALIZER} finalizer by hand",
+            base.display(),
+            configured
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     // The annotations are re-checked: whoever can edit a PV must not be able
     // to point the removal outside the base path.
     let rel = PathBuf::from(host)

@@ -122,6 +122,57 @@ pub fn build(claim: &PersistentVolumeClaim, class: &StorageClass, plan: &Plan) -
     }
 }
 
+/// The node a PV of ours belongs to, if everything on it that names a node
+/// or a path agrees: the node label, the node annotation, a required node
+/// affinity of exactly `kubernetes.io/hostname In [node]`, and a hostPath or
+/// local path equal to the host-path annotation. Anyone who may write PVs
+/// can write these fields, so removal acts only when they are consistent
+/// and name this agent's node (and then checks the path against its own
+/// config).
+pub fn pinned_node(pv: &PersistentVolume) -> Result<&str, String> {
+    let node = pv
+        .annotations()
+        .get(NODE)
+        .ok_or_else(|| format!("no {NODE} annotation"))?;
+    if pv.labels().get(NODE_LABEL) != Some(node) {
+        return Err(format!("its {NODE_LABEL} label does not name node {node}"));
+    }
+    let spec = pv.spec.as_ref().ok_or("no spec")?;
+    let terms = spec
+        .node_affinity
+        .as_ref()
+        .and_then(|a| a.required.as_ref())
+        .map(|r| r.node_selector_terms.as_slice())
+        .unwrap_or_default();
+    let pinned = match terms {
+        [term] if term.match_fields.as_ref().is_none_or(Vec::is_empty) => {
+            match term.match_expressions.as_deref() {
+                Some([req]) => {
+                    req.key == "kubernetes.io/hostname"
+                        && req.operator == "In"
+                        && req.values.as_deref() == Some(std::slice::from_ref(node))
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    if !pinned {
+        return Err(format!(
+            "its node affinity does not pin it to node {node} alone"
+        ));
+    }
+    let path = spec
+        .host_path
+        .as_ref()
+        .map(|h| &h.path)
+        .or(spec.local.as_ref().map(|l| &l.path));
+    if path.is_none() || path != pv.annotations().get(HOST_PATH) {
+        return Err(format!("its volume path is not its {HOST_PATH} annotation"));
+    }
+    Ok(node)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +254,66 @@ mod tests {
         let hp = spec.host_path.unwrap();
         assert_eq!(hp.type_.as_deref(), Some("DirectoryOrCreate"));
         assert!(spec.local.is_none());
+    }
+
+    #[test]
+    fn a_built_volume_is_pinned_to_its_node() {
+        let (claim, class, plan) = fixtures();
+        for volume_type in [VolumeType::HostPath, VolumeType::Local] {
+            let plan = Plan {
+                volume_type,
+                ..plan.clone()
+            };
+            assert_eq!(pinned_node(&build(&claim, &class, &plan)), Ok("node-a"));
+        }
+    }
+
+    #[test]
+    fn a_volume_whose_fields_disagree_is_nobody_s() {
+        let (claim, class, plan) = fixtures();
+        let pv = build(&claim, &class, &plan);
+        type Edit = fn(&mut PersistentVolume);
+        let edits: [(&str, Edit); 5] = [
+            ("label", |pv| {
+                pv.labels_mut().insert(NODE_LABEL.into(), "node-b".into());
+            }),
+            ("annotation", |pv| {
+                pv.annotations_mut().remove(NODE);
+            }),
+            ("affinity", |pv| {
+                let spec = pv.spec.as_mut().unwrap();
+                let term = &mut spec
+                    .node_affinity
+                    .as_mut()
+                    .unwrap()
+                    .required
+                    .as_mut()
+                    .unwrap()
+                    .node_selector_terms[0];
+                term.match_expressions.as_mut().unwrap()[0].values =
+                    Some(vec!["node-a".into(), "node-b".into()]);
+            }),
+            ("second term", |pv| {
+                let spec = pv.spec.as_mut().unwrap();
+                let terms = &mut spec
+                    .node_affinity
+                    .as_mut()
+                    .unwrap()
+                    .required
+                    .as_mut()
+                    .unwrap()
+                    .node_selector_terms;
+                terms.push(terms[0].clone());
+            }),
+            ("path", |pv| {
+                pv.spec.as_mut().unwrap().host_path.as_mut().unwrap().path = "/".into();
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut forged = pv.clone();
+            edit(&mut forged);
+            assert!(pinned_node(&forged).is_err(), "{what}");
+        }
     }
 
     #[test]

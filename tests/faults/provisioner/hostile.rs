@@ -93,6 +93,34 @@ pub async fn hostile_inputs() -> Result<Tally> {
         r,
     );
 
+    let r = bind_mount_inside(&fx).await;
+    fx.settle(
+        "bind mount of an outside directory (same filesystem) inside a volume, then Delete",
+        "VolumeFailedDelete naming the mount point, its source intact; removed once unmounted",
+        r,
+    );
+
+    let r = nested_deep(&fx).await;
+    fx.settle(
+        "3000 nested directories in a volume, then Delete",
+        "volume removed",
+        r,
+    );
+
+    let r = forged_base_path(&fx).await;
+    fx.settle(
+        "PV for node-a forged with an unconfigured base path, then deleted",
+        "VolumeFailedDelete: not one of this node's base paths; nothing removed",
+        r,
+    );
+
+    let r = forged_affinity(&fx).await;
+    fx.settle(
+        "PV claiming node-a but pinned to node-b, then deleted",
+        "VolumeNotOwned; nothing removed",
+        r,
+    );
+
     let r = swapped_before_delete(&mut fx).await;
     fx.settle(
         "volume directory replaced by a symlink, then Delete",
@@ -199,7 +227,13 @@ impl Fixture {
         storage_class(&client, &config_class, &config_prov, "Delete", "").await?;
 
         let outside = dir.join("outside");
-        for d in ["dir/sub", "swap-target", "pre-target"] {
+        for d in [
+            "dir/sub",
+            "swap-target",
+            "pre-target",
+            "bind-source",
+            "forged",
+        ] {
             std::fs::create_dir_all(outside.join(d))?;
         }
         std::fs::write(outside.join("dir/precious"), "must survive")?;
@@ -216,6 +250,11 @@ impl Fixture {
             outside.join("pre-target/canary"),
             "behind a planted symlink",
         )?;
+        std::fs::write(
+            outside.join("bind-source/canary"),
+            "bind-mounted into a volume",
+        )?;
+        std::fs::write(outside.join("forged/canary"), "named by a forged PV")?;
         let canaries = snapshot(&outside)?;
         Ok(Self {
             client,
@@ -468,6 +507,194 @@ async fn links_inside(fx: &Fixture) -> Result<String> {
         "{} removed; 4 symlinks and a hard link unlinked, targets intact",
         vol.display()
     ))
+}
+
+/// `mount --bind` (needs root, as a node's agent has).
+fn mount_command(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("mount").args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "mount {}: {} (the fault suite runs as root)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+async fn bind_mount_inside(fx: &Fixture) -> Result<String> {
+    let pv = fx.bound_on_a("bound-mount").await?;
+    let vol = PathBuf::from(host_path(&pv));
+    let point = vol.join("sub/mnt");
+    std::fs::create_dir_all(&point)?;
+    std::fs::write(vol.join("sub/log"), "removable")?;
+    let source = fx.outside.join("bind-source");
+    mount_command(&[
+        "--bind",
+        &source.display().to_string(),
+        &point.display().to_string(),
+    ])?;
+    let result = async {
+        delete_claim_and_pod(&fx.client, &fx.ns, "bound-mount").await?;
+        let message = wait_event(&fx.client, &pv.name_any(), "VolumeFailedDelete").await?;
+        ensure!(message.contains("mount point"), "{message}");
+        let kept = Api::<PersistentVolume>::all(fx.client.clone())
+            .get_opt(&pv.name_any())
+            .await?;
+        ensure!(kept.is_some(), "the PV went though its directory was kept");
+        Ok(message)
+    }
+    .await;
+    mount_command(&["-u", &point.display().to_string()]).or_else(|_| {
+        nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH).map_err(anyhow::Error::from)
+    })?;
+    let message = result?;
+    // Unmounted: the next retry (every 30 s) removes it.
+    wait_pv_gone(&fx.client, &pv.name_any()).await?;
+    ensure!(
+        vol.symlink_metadata().is_err(),
+        "{} still exists",
+        vol.display()
+    );
+    Ok(format!("{message} (removed once unmounted)"))
+}
+
+async fn nested_deep(fx: &Fixture) -> Result<String> {
+    use std::os::fd::AsFd;
+    let pv = fx.bound_on_a("nested").await?;
+    let vol = PathBuf::from(host_path(&pv));
+    // Deeper than PATH_MAX by name: made one level at a time, as a pod could.
+    let mut dir = std::fs::File::open(&vol)?;
+    for _ in 0..3000 {
+        nix::sys::stat::mkdirat(
+            dir.as_fd(),
+            "d",
+            nix::sys::stat::Mode::from_bits_truncate(0o700),
+        )?;
+        let fd = nix::fcntl::openat(
+            dir.as_fd(),
+            "d",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        dir = std::fs::File::from(fd);
+    }
+    drop(dir);
+    delete_claim_and_pod(&fx.client, &fx.ns, "nested").await?;
+    wait_pv_gone(&fx.client, &pv.name_any()).await?;
+    ensure!(
+        vol.symlink_metadata().is_err(),
+        "{} still exists",
+        vol.display()
+    );
+    Ok(format!("{} and 3000 levels removed", vol.display()))
+}
+
+/// A PV as another node's agent (or anyone who may write PVs) could make
+/// it: provisioned by us, for node-a, with `edit` applied. Not yet deleted.
+async fn forged_pv(
+    fx: &Fixture,
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<()> {
+    let target = fx.outside.join("forged");
+    let mut pv = json!({
+        "metadata": {
+            "name": name,
+            "annotations": {
+                "pv.kubernetes.io/provisioned-by": fx.prov,
+                "localship.io/node": "node-a",
+                "localship.io/base-path": fx.outside,
+                "localship.io/host-path": target,
+            },
+            "labels": { "localship.io/node": "node-a" },
+        },
+        "spec": {
+            "capacity": { "storage": "1Gi" },
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Delete",
+            "hostPath": { "path": target },
+            "nodeAffinity": { "required": { "nodeSelectorTerms": [{ "matchExpressions": [{
+                "key": "kubernetes.io/hostname", "operator": "In", "values": ["node-a"]
+            }]}]}},
+        }
+    });
+    edit(&mut pv);
+    let pv: PersistentVolume = serde_json::from_value(pv)?;
+    Api::<PersistentVolume>::all(fx.client.clone())
+        .create(&Default::default(), &pv)
+        .await?;
+    Ok(())
+}
+
+async fn forged_base_path(fx: &Fixture) -> Result<String> {
+    let name = format!("{}-forged-base", fx.ns);
+    forged_pv(fx, &name, |_| {}).await?;
+    // Consistent, so node-a's agent takes it on; then it is deleted.
+    let pvs = Api::<PersistentVolume>::all(fx.client.clone());
+    wait_for(
+        "the agent's finalizer on the forged PV",
+        EVENT_TIMEOUT,
+        || async {
+            let pv = pvs.get(&name).await?;
+            Ok(pv
+                .finalizers()
+                .iter()
+                .any(|f| f == "localship.io/cleanup")
+                .then_some(()))
+        },
+    )
+    .await?;
+    pvs.delete(&name, &Default::default()).await?;
+    let message = wait_event(&fx.client, &name, "VolumeFailedDelete").await?;
+    ensure!(
+        message.contains("not one of this node's base paths"),
+        "{message}"
+    );
+    ensure!(
+        fx.outside.join("forged/canary").exists(),
+        "the forged target was emptied"
+    );
+    release(fx, &name).await?;
+    Ok(message)
+}
+
+async fn forged_affinity(fx: &Fixture) -> Result<String> {
+    let name = format!("{}-forged-node", fx.ns);
+    forged_pv(fx, &name, |pv| {
+        pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+            ["values"] = json!(["node-b"]);
+    })
+    .await?;
+    let message = wait_event(&fx.client, &name, "VolumeNotOwned").await?;
+    Api::<PersistentVolume>::all(fx.client.clone())
+        .delete(&name, &Default::default())
+        .await?;
+    ensure!(
+        fx.outside.join("forged/canary").exists(),
+        "the forged target was emptied"
+    );
+    release(fx, &name).await?;
+    Ok(message)
+}
+
+/// The administrator's way out for a refused PV: drop its finalizers.
+async fn release(fx: &Fixture, name: &str) -> Result<()> {
+    let pvs = Api::<PersistentVolume>::all(fx.client.clone());
+    let patch = json!({ "metadata": { "finalizers": null } });
+    match pvs
+        .patch(name, &Default::default(), &kube::api::Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Err(e) = wait_pv_gone(&fx.client, name).await {
+        let pv = pvs.get_opt(name).await?;
+        let state = pv.map(|pv| serde_json::to_string(&pv.metadata).unwrap_or_default());
+        anyhow::bail!("{e:#}; the PV: {state:?}");
+    }
+    Ok(())
 }
 
 async fn swapped_before_delete(fx: &mut Fixture) -> Result<String> {
