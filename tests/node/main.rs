@@ -50,6 +50,11 @@ fn scenarios() -> Vec<(&'static str, bool, Body)> {
             |e| Box::pin(volumes::local_volume(e)),
         ),
         (
+            "kustomize: a disk mounted at the base path after start is used",
+            false,
+            |e| Box::pin(volumes::disk_mounted_after_start(e)),
+        ),
+        (
             "kustomize: provisioner killed mid-burst of 50 claims",
             false,
             |e| Box::pin(burst::killed_mid_burst(e)),

@@ -75,20 +75,28 @@ pub async fn create_pod(
 pub async fn wait_phase(client: &Client, ns: &str, name: &str, phase: &str) -> Result<Pod> {
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let what = format!("pod {ns}/{name} to be {phase}");
-    let pod = wait_for(&what, POD_TIMEOUT, || async {
+    // A probe error is the state the timeout reports; a failed pod ends the
+    // wait at once.
+    let outcome = wait_for(&what, POD_TIMEOUT, || async {
         let pod = pods.get(name).await?;
-        let status = pod.status.clone().unwrap_or_default();
-        let now = status.phase.clone().unwrap_or_default();
+        let now = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
         if now == phase {
-            return Ok(Some(pod));
+            return Ok(Some(Ok(pod)));
         }
         if now == "Failed" {
-            bail!("pod failed: {}", describe(&pod));
+            return Ok(Some(Err(anyhow::anyhow!(
+                "pod {ns}/{name} failed: {}",
+                describe(&pod)
+            ))));
         }
-        Ok(None)
+        bail!("{}", describe(&pod))
     })
     .await?;
-    Ok(pod)
+    outcome
 }
 
 /// Waits for the pod's container to have exited 0.

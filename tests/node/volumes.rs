@@ -17,6 +17,9 @@ use crate::install::*;
 use crate::pods::{create_claim, create_pod, delete_pod, logs, wait_succeeded, AIRFLOW_UID};
 use crate::Env;
 
+/// The base path `deploy/` and the chart configure.
+const BASE_PATH: &str = "/opt/local-path-provisioner";
+
 /// `kubectl apply -k` of the base with only the image swapped.
 pub async fn kustomize_install(env: &mut Env) -> Result<()> {
     let overlay = base_overlay(env)?;
@@ -146,5 +149,63 @@ async fn volume_kept_and_removed(env: &mut Env, volume_type: &str) -> Result<()>
         .await?;
     wait_pv_gone(&client, pv.metadata.name.as_deref().unwrap_or_default()).await?;
     ensure!(!dir.exists(), "{} left on the host", dir.display());
+    Ok(())
+}
+
+/// A disk the administrator mounts at the base path after the agent started
+/// (a tmpfs here, as large as a claim needs): the agent's view follows the host's (`mountPropagation:
+/// HostToContainer`), so the volume lands on the disk, not on the root
+/// filesystem beneath it, and is removed from there.
+pub async fn disk_mounted_after_start(env: &mut Env) -> Result<()> {
+    let base = Path::new(BASE_PATH);
+    nix::mount::mount(
+        Some("tmpfs"),
+        base,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4g"),
+    )
+    .context("mount a tmpfs at the base path")?;
+    let result = on_the_new_disk(env, base).await;
+    let unmounted = nix::mount::umount2(base, nix::mount::MntFlags::MNT_DETACH);
+    result?;
+    unmounted.context("unmount the tmpfs")?;
+    Ok(())
+}
+
+async fn on_the_new_disk(env: &mut Env, base: &Path) -> Result<()> {
+    let cp = env.node.control_plane();
+    let client = cp.client().await?;
+    let ns = cp.namespace("disk").await?;
+    let busybox = env.node.images().busybox.clone();
+    create_claim(&client, &ns, "data", json!({})).await?;
+    create_pod(&client, &ns, "writer", &busybox, "data", WRITE, "Never").await?;
+    wait_succeeded(&client, &ns, "writer").await?;
+    let pv = wait_bound(&client, &ns, "data").await?;
+    let dir = host_path(&pv);
+    let dir = Path::new(&dir);
+    let disk = std::fs::metadata(base)?.dev();
+    let meta = std::fs::metadata(dir).context("the volume is not on the new disk")?;
+    ensure!(
+        meta.dev() == disk,
+        "{} is not on the disk mounted at the base path",
+        dir.display()
+    );
+    ensure!(
+        meta.permissions().mode() & 0o777 == 0o777,
+        "{} has mode {:o}: made by the kubelet, not the agent",
+        dir.display(),
+        meta.permissions().mode() & 0o777
+    );
+    ensure!(
+        dir.join("file").is_file(),
+        "the pod's file is not on the disk"
+    );
+    delete_pod(&client, &ns, "writer").await?;
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+        .delete("data", &Default::default())
+        .await?;
+    wait_pv_gone(&client, pv.metadata.name.as_deref().unwrap_or_default()).await?;
+    ensure!(!dir.exists(), "{} left on the disk", dir.display());
     Ok(())
 }

@@ -52,6 +52,9 @@ pub struct HostState {
     absent_cgroups: Vec<String>,
     /// Links the node creates, removed at the end.
     links: Vec<String>,
+    /// Mount points that were not shared before the node made every mount
+    /// shared, with whether each was a slave.
+    unshared_mounts: Vec<(String, bool)>,
 }
 
 impl HostState {
@@ -89,7 +92,21 @@ impl HostState {
             absent_paths,
             absent_cgroups,
             links: links.iter().map(|l| l.to_string()).collect(),
+            unshared_mounts: unshared_mounts()?,
         })
+    }
+
+    /// Makes every mount shared, as systemd leaves a node's: the kubelet
+    /// and the runtime need it for `mountPropagation`.
+    pub fn share_mounts(&self) -> Result<()> {
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            nix::mount::MsFlags::MS_SHARED | nix::mount::MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .context("make / rshared")
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -141,6 +158,26 @@ impl HostState {
                 note(&format!("restore {tool}"), restore_tables(tool, saved));
             }
         }
+        for (point, slave) in &self.unshared_mounts {
+            let flag = if *slave {
+                nix::mount::MsFlags::MS_SLAVE
+            } else {
+                nix::mount::MsFlags::MS_PRIVATE
+            };
+            let r = nix::mount::mount(
+                None::<&str>,
+                point.as_str(),
+                None::<&str>,
+                flag,
+                None::<&str>,
+            );
+            // A mount the node's run removed is gone: nothing to put back.
+            let r = match r {
+                Err(nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL) => Ok(()),
+                r => r.map_err(anyhow::Error::from),
+            };
+            note(&format!("propagation of {point}"), r);
+        }
         for (name, value) in &self.sysctls {
             note(
                 &format!("sysctl {name}"),
@@ -156,6 +193,27 @@ impl HostState {
             )
         }
     }
+}
+
+/// Mount points without a `shared:` tag, and whether each has `master:`.
+fn unshared_mounts() -> Result<Vec<(String, bool)>> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(parse_unshared(&mountinfo))
+}
+
+fn parse_unshared(mountinfo: &str) -> Vec<(String, bool)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let point = unescape_mount_path(fields.get(4)?);
+            let optional = fields.get(6..)?.iter().take_while(|f| **f != "-");
+            let tags: Vec<&&str> = optional.collect();
+            let shared = tags.iter().any(|t| t.starts_with("shared:"));
+            let slave = tags.iter().any(|t| t.starts_with("master:"));
+            (!shared).then(|| (point.display().to_string(), slave))
+        })
+        .collect()
 }
 
 fn sysctl_path(name: &str) -> PathBuf {
@@ -379,6 +437,17 @@ mod tests {
         assert!(input.contains("-A INPUT -j ACCEPT\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n"));
         assert!(input.contains("*mangle\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n"));
         assert!(!input.contains("# Generated"));
+    }
+
+    #[test]
+    fn unshared_mounts_are_found_with_their_slavery() {
+        let info = "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    28 27 0:5 / /dev rw shared:2 - devtmpfs udev rw\n\
+                    29 27 0:6 / /mnt\\040x rw master:3 - tmpfs t rw\n";
+        assert_eq!(
+            parse_unshared(info),
+            [("/".to_string(), false), ("/mnt x".to_string(), true)]
+        );
     }
 
     #[test]

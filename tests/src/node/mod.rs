@@ -65,6 +65,7 @@ impl RealNode {
         std::fs::create_dir_all(&dir)?;
         let host = HostState::record(&[NODE_BRIDGE, POD_BRIDGE])?;
         host.save(&state_file(&dir))?;
+        host.share_mounts()?;
         let mut node = Self {
             plane: {
                 add_node_bridge()?;
