@@ -7,6 +7,7 @@
 //! [`host`] records it before the start and [`RealNode::stop`] puts it back.
 //! A run killed before that is undone when the next one starts.
 
+mod cleanup;
 mod configs;
 mod dockerfile;
 pub mod host;
@@ -27,6 +28,9 @@ use crate::cluster::ControlPlane;
 use crate::process::{free_port, Process};
 use crate::servers::server_bin;
 use crate::wait::wait_for;
+use cleanup::{
+    keep_logs, lock_machine, recover_previous_run, remove_node_dir, state_file, stop_node_processes,
+};
 use configs::Layout;
 use host::HostState;
 pub use images::Images;
@@ -329,117 +333,6 @@ fn layout(dir: &Path) -> Layout<'_> {
         service_cidr: SERVICE_CIDR,
         pause_image: images::PAUSE_IMAGE,
     }
-}
-
-/// Copies the node's logs to a scratch directory of this process's, which
-/// outlives the node's own, and says where.
-fn keep_logs(dir: &Path) {
-    let Ok(keep) = crate::scratch_dir("node-logs") else {
-        return;
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "log") {
-            let _ = std::fs::copy(&path, keep.join(entry.file_name()));
-        }
-    }
-    eprintln!(
-        "node: logs of containerd, the kubelet and kube-proxy kept in {}",
-        keep.display()
-    );
-}
-
-fn state_file(dir: &Path) -> PathBuf {
-    dir.join("host-state.json")
-}
-
-/// One real node per machine at a time: it owns fixed links and paths.
-fn lock_machine(dir: &Path) -> Result<nix::fcntl::Flock<File>> {
-    let path = dir.with_extension("lock");
-    let file = File::create(&path).with_context(|| format!("create {}", path.display()))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        anyhow::anyhow!(
-            "another test process runs a real node on this machine ({}: {e})",
-            path.display()
-        )
-    })
-}
-
-/// Undoes what a run that died without its teardown left: its processes,
-/// mounts and host changes.
-fn recover_previous_run(dir: &Path) -> Result<()> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    eprintln!(
-        "node: putting back what an earlier run left in {}",
-        dir.display()
-    );
-    stop_node_processes(dir, None)?;
-    match HostState::load(&state_file(dir)) {
-        Ok(host) => host.restore(dir)?,
-        Err(e) => eprintln!(
-            "node: no host record from the earlier run ({e:#}); removing its directory only"
-        ),
-    }
-    remove_node_dir(dir)
-}
-
-/// Stops containerd (gracefully, so it stops its tasks' shims), then kills
-/// any process still naming the node's directory: shims, containerd, a
-/// kubelet or kube-proxy of an earlier run.
-fn stop_node_processes(dir: &Path, containerd: Option<Process>) -> Result<()> {
-    if let Some(mut containerd) = containerd {
-        containerd.stop(Duration::from_secs(10));
-    }
-    let needle = dir.display().to_string();
-    let me = std::process::id();
-    for _ in 0..50 {
-        let mut found = 0;
-        for entry in std::fs::read_dir("/proc")?.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|p| p.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                found += 1;
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        if found == 0 {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("processes naming {} survive SIGKILL", dir.display())
-}
-
-/// Removes the node's directory once nothing is mounted under it: a mount
-/// left there (a local volume's bind mount) would let removal reach into
-/// the volume.
-fn remove_node_dir(dir: &Path) -> Result<()> {
-    host::unmount_under(dir)?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let needle = format!(" {}", dir.display());
-    if let Some(line) = mountinfo.lines().find(|l| l.contains(&needle)) {
-        bail!("still mounted under {}: {line}", dir.display());
-    }
-    std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))
 }
 
 fn add_node_bridge() -> Result<()> {
