@@ -95,7 +95,7 @@ async fn container_logs(pods: &Api<Pod>, containers: &[&str]) -> String {
 /// runtime started, read from the host: its uid, its capability sets, no
 /// new privileges, and a read-only root. `caps` is the CapEff mask the
 /// manifest's `add` list makes. Both probes pass: the pod is Ready, no
-/// container restarted, and no Unhealthy Event was raised.
+/// container restarted, and no probe failed once the pod was Ready.
 pub async fn check_agent(
     node: &RealNode,
     client: &Client,
@@ -185,6 +185,16 @@ pub async fn check_agent(
         .map(|c| c.iter().map(|c| c.restart_count).sum())
         .unwrap_or_default();
     ensure!(restarts == 0, "containers restarted: {}", describe(&pod));
+    // A readiness probe may fail while a container starts (it is not ready
+    // yet); once the pod is Ready, no probe of either kind may fail.
+    let ready_since = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
+        .and_then(|c| c.last_transition_time.clone())
+        .context("the pod is no longer Ready")?
+        .0;
     let events = Api::<Event>::namespaced(client.clone(), NAMESPACE)
         .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
         .await?;
@@ -192,6 +202,11 @@ pub async fn check_agent(
         .items
         .iter()
         .filter(|e| e.reason.as_deref() == Some("Unhealthy"))
+        .filter(|e| {
+            let message = e.message.as_deref().unwrap_or_default();
+            let last = e.last_timestamp.as_ref().map(|t| t.0);
+            !message.starts_with("Readiness") || last.is_none_or(|t| t > ready_since)
+        })
         .filter_map(|e| e.message.clone())
         .collect();
     ensure!(unhealthy.is_empty(), "probes failed: {unhealthy:?}");
