@@ -139,6 +139,107 @@ pub fn volume_dir_exists(base: &Path, rel: &Path) -> bool {
     true
 }
 
+/// Beside the volumes, under each base path: one record per volume
+/// directory naming the PV it belongs to. No pod reaches the base path, so
+/// no tenant can rewrite whose a directory is.
+const OWNERS: &str = ".localship-owners";
+
+/// The record's file name: a stable hash of the relative path (FNV-1a), as
+/// paths may be longer than a file name; the record holds the path too.
+fn owner_key(rel: &Path) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in rel.as_os_str().as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+fn owners_dir(base: &Path, create: bool) -> Result<Option<OwnedFd>, DiskError> {
+    let path = base.join(OWNERS);
+    let fd = open_base(base)?;
+    if create {
+        match mkdirat(fd.as_fd(), OWNERS, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(errno) => return Err(io(&path, "mkdir")(errno)),
+        }
+    }
+    match openat(fd.as_fd(), OWNERS, dir_flags(), Mode::empty()) {
+        Ok(dir) => Ok(Some(dir)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(errno) => Err(io(&path, "open")(errno)),
+    }
+}
+
+/// The PV that `base/rel` belongs to, if a record says so.
+pub fn owner(base: &Path, rel: &Path) -> Result<Option<String>, DiskError> {
+    let Some(dir) = owners_dir(base, false)? else {
+        return Ok(None);
+    };
+    let key = owner_key(rel);
+    let path = base.join(OWNERS).join(&key);
+    let file = match openat(
+        dir.as_fd(),
+        key.as_str(),
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(errno) => return Err(io(&path, "open")(errno)),
+    };
+    let text = std::io::read_to_string(file).map_err(|e| DiskError::Io {
+        path: path.clone(),
+        op: "read",
+        errno: Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+    })?;
+    let mut lines = text.lines();
+    let (pv, recorded) = (lines.next(), lines.next());
+    // Another path with the same hash is another directory's record.
+    if recorded != rel.to_str() {
+        return Ok(None);
+    }
+    Ok(pv.filter(|p| !p.is_empty()).map(str::to_owned))
+}
+
+/// Records that `base/rel` belongs to `pv`, replacing any record (written
+/// aside, then renamed over it).
+pub fn set_owner(base: &Path, rel: &Path, pv: &str) -> Result<(), DiskError> {
+    let dir = owners_dir(base, true)?.ok_or_else(|| DiskError::NotADirectory {
+        path: base.join(OWNERS),
+    })?;
+    let key = owner_key(rel);
+    let tmp = format!("{key}.new");
+    let path = base.join(OWNERS).join(&tmp);
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = openat(
+        dir.as_fd(),
+        tmp.as_str(),
+        flags,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(io(&path, "open"))?;
+    let text = format!("{pv}\n{}\n", rel.display());
+    nix::unistd::write(&fd, text.as_bytes()).map_err(io(&path, "write"))?;
+    nix::unistd::fsync(&fd).map_err(io(&path, "fsync"))?;
+    nix::fcntl::renameat(dir.as_fd(), tmp.as_str(), dir.as_fd(), key.as_str())
+        .map_err(io(&path, "rename"))?;
+    Ok(())
+}
+
+/// Drops the record of `base/rel`, if any.
+pub fn clear_owner(base: &Path, rel: &Path) -> Result<(), DiskError> {
+    let Some(dir) = owners_dir(base, false)? else {
+        return Ok(());
+    };
+    let key = owner_key(rel);
+    match unlinkat(dir.as_fd(), key.as_str(), UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(errno) => Err(io(&base.join(OWNERS).join(key), "unlink")(errno)),
+    }
+}
+
 /// What a removal deleted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Removed {
@@ -427,6 +528,27 @@ mod tests {
         symlink(&outside, base.join("vol")).unwrap();
         assert!(remove_volume_dir(&base, Path::new("vol")).is_err());
         assert!(outside.join("precious").exists());
+    }
+
+    #[test]
+    fn a_directory_has_one_recorded_owner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        std::fs::create_dir_all(&base).unwrap();
+        let rel = Path::new("airflow/logs-worker-0");
+        assert_eq!(owner(&base, rel).unwrap(), None);
+        set_owner(&base, rel, "pvc-1").unwrap();
+        assert_eq!(owner(&base, rel).unwrap().as_deref(), Some("pvc-1"));
+        assert_eq!(owner(&base, Path::new("airflow/other")).unwrap(), None);
+        set_owner(&base, rel, "pvc-2").unwrap();
+        assert_eq!(owner(&base, rel).unwrap().as_deref(), Some("pvc-2"));
+        clear_owner(&base, rel).unwrap();
+        assert_eq!(owner(&base, rel).unwrap(), None);
+        clear_owner(&base, rel).unwrap();
+        // Records live beside the volumes, not in them.
+        let vol = create_volume_dir(&base, rel, 0o777).unwrap();
+        set_owner(&base, rel, "pvc-3").unwrap();
+        assert_eq!(std::fs::read_dir(&vol).unwrap().count(), 0);
     }
 
     #[test]

@@ -183,6 +183,31 @@ async fn provision(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Outco
         }
     };
 
+    // A directory belongs to one PV. Another PV that still exists keeps
+    // it (a claim recreated under the same pathPattern while the old volume
+    // drains must not share, then lose, its data); a record naming a PV that
+    // is gone is stale. Recorded before the directory is made, so a crash in
+    // between leaves the directory ours.
+    let (b, r) = (base.clone(), rel.clone());
+    let recorded = tokio::task::spawn_blocking(move || disk::owner(&b, &r))
+        .await
+        .expect("owner does not panic")?;
+    if let Some(other) = recorded.filter(|o| *o != pv_name) {
+        if pvs.get_opt(&other).await?.is_some() {
+            let note = format!(
+                "{} belongs to PV {other}, which still exists; the claim waits until that \
+                 volume is gone and its directory removed (or use a pathPattern that gives \
+                 each claim its own directory)",
+                base.join(&rel).display()
+            );
+            fail(note.clone()).await;
+            return Err(Error::Invalid(note));
+        }
+    }
+    let (b, r, owner) = (base.clone(), rel.clone(), pv_name.clone());
+    tokio::task::spawn_blocking(move || disk::set_owner(&b, &r, &owner))
+        .await
+        .expect("set_owner does not panic")?;
     ctx.event(
         &reference,
         false,

@@ -163,9 +163,29 @@ async fn remove_directory(pv: &PersistentVolume, ctx: &Context) -> Result<disk::
         .and_then(|r| r.to_str().map(paths::safe_relative))
         .ok_or_else(|| Error::Invalid(format!("{host} is not under {}", base.display())))?
         .map_err(|e| Error::Invalid(e.to_string()))?;
-    let removed = tokio::task::spawn_blocking(move || disk::remove_volume_dir(&base, &rel))
+    // Only the directory's own PV removes it; a record naming another PV
+    // that still exists means the directory is that volume's now.
+    let (b, r) = (base.clone(), rel.clone());
+    let recorded = tokio::task::spawn_blocking(move || disk::owner(&b, &r))
         .await
-        .expect("remove_volume_dir does not panic")?;
+        .expect("owner does not panic")?;
+    let name = pv.name_any();
+    if let Some(other) = recorded.as_ref().filter(|o| **o != name) {
+        let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+        if pvs.get_opt(other).await?.is_some() {
+            return Err(Error::Invalid(format!(
+                "{host} belongs to PV {other}, not to this one; nothing is removed. \
+                 Remove this PV's {CLEANUP_FINALIZER} finalizer to let it go"
+            )));
+        }
+    }
+    let removed = tokio::task::spawn_blocking(move || {
+        let removed = disk::remove_volume_dir(&base, &rel)?;
+        disk::clear_owner(&base, &rel)?;
+        Ok::<_, disk::DiskError>(removed)
+    })
+    .await
+    .expect("remove_volume_dir does not panic")?;
     Ok(removed)
 }
 

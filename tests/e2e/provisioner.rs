@@ -22,11 +22,9 @@ async fn two_agents(ns: &str, extra: &[String]) -> Result<(ProvisionerAgent, Pro
     Ok((a, b))
 }
 
-/// Every directory under a base path, one level deep.
+/// Every volume directory under a base path, one level deep.
 fn dirs(base: &Path) -> BTreeSet<PathBuf> {
-    std::fs::read_dir(base)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
+    localship_tests::claims::volume_dirs(base)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

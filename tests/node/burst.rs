@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams};
-use localship_tests::claims::{host_path, pvs_in, wait_all_bound};
+use localship_tests::claims::{host_path, pvs_in, volume_dirs, wait_all_bound};
 use localship_tests::wait_for;
 use serde_json::json;
 
@@ -131,9 +131,8 @@ pub async fn killed_mid_burst(env: &mut Env) -> Result<()> {
 }
 
 fn base_path_entries() -> Result<BTreeSet<String>> {
-    let mut entries = BTreeSet::new();
-    for entry in std::fs::read_dir(BASE_PATH)? {
-        entries.insert(entry?.path().display().to_string());
-    }
-    Ok(entries)
+    Ok(volume_dirs(Path::new(BASE_PATH))
+        .into_iter()
+        .map(|p| p.display().to_string())
+        .collect())
 }

@@ -16,6 +16,23 @@ use crate::{apply_yaml, wait_for};
 
 pub const BIND_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The directory under each base path where the provisioner records which
+/// PV each volume directory belongs to: not a volume.
+pub const OWNER_RECORDS: &str = ".localship-owners";
+
+/// The volume directories directly under a base path (the owner records
+/// left out).
+pub fn volume_dirs(base: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    std::fs::read_dir(base)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name() != OWNER_RECORDS)
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A provisioner name of this test's own, so agents of tests running at the
 /// same time never act on each other's claims.
 pub fn provisioner_name(ns: &str) -> String {

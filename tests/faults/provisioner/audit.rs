@@ -148,11 +148,10 @@ impl fmt::Display for Findings {
     }
 }
 
-/// Every entry directly under a base path (the default pattern is one level).
+/// Every volume directory directly under a base path (the default pattern is
+/// one level).
 pub fn dirs(base: &Path) -> BTreeSet<PathBuf> {
-    std::fs::read_dir(base)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
+    localship_tests::claims::volume_dirs(base)
 }
 
 /// Checks claims, PVs, directories and pods of `ns` against each other.

@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use localship_tests::claims::{
     claim_events, create_claim, create_claim_with_pod, create_pod, delete_claim_and_pod, host_path,
-    phase, provisioner_name, storage_class, wait_bound, wait_pv_gone,
+    phase, provisioner_name, storage_class, volume_dirs, wait_bound, wait_pv_gone,
 };
 use localship_tests::{control_plane, scratch_dir, wait_for, ProvisionerAgent};
 use serde_json::json;
@@ -90,6 +90,13 @@ pub async fn hostile_inputs() -> Result<Tally> {
     fx.settle(
         "symlinks and a hard link planted in a volume, then Delete",
         "volume removed, every outside target intact",
+        r,
+    );
+
+    let r = recreated_while_held(&fx).await;
+    fx.settle(
+        "claim recreated under the same pathPattern directory while the old PV is held",
+        "ProvisioningFailed naming the old PV; binds to a fresh directory once it is gone, whose data survives",
         r,
     );
 
@@ -423,7 +430,7 @@ async fn refused(
 ) -> Result<String> {
     let class = format!("{}-{claim}", fx.ns);
     storage_class(&fx.client, &class, &fx.prov, "Delete", params).await?;
-    let before = std::fs::read_dir(fx.base_a())?.count();
+    let before = volume_dirs(&fx.base_a()).len();
     create_claim_with_pod(
         &fx.client,
         &fx.ns,
@@ -445,7 +452,7 @@ async fn refused(
         .get(claim)
         .await?;
     ensure!(phase(&pvc) == "Pending", "claim is {}", phase(&pvc));
-    let after = std::fs::read_dir(fx.base_a())?.count();
+    let after = volume_dirs(&fx.base_a()).len();
     ensure!(
         after == before,
         "the base path gained {} entries",
@@ -507,6 +514,81 @@ async fn links_inside(fx: &Fixture) -> Result<String> {
         "{} removed; 4 symlinks and a hard link unlinked, targets intact",
         vol.display()
     ))
+}
+
+/// A StatefulSet's claim deleted while its PV is held (logs still
+/// shipping), then recreated: with `{{ .PVC.Namespace }}/{{ .PVC.Name }}`
+/// both map to one directory, which the old PV's removal would empty under
+/// the new pod.
+async fn recreated_while_held(fx: &Fixture) -> Result<String> {
+    let class = format!("{}-sts", fx.ns);
+    let pattern = r#"pathPattern: "{{ .PVC.Namespace }}/{{ .PVC.Name }}""#;
+    storage_class(&fx.client, &class, &fx.prov, "Delete", pattern).await?;
+    let claim = "data-sts-0";
+    let make = || {
+        create_claim_with_pod(
+            &fx.client,
+            &fx.ns,
+            claim,
+            &class,
+            "64Mi",
+            Some("node-a"),
+            json!({}),
+        )
+    };
+    make().await?;
+    let old = wait_bound(&fx.client, &fx.ns, claim).await?;
+    let dir = PathBuf::from(host_path(&old));
+    std::fs::write(dir.join("old"), "the old pod's")?;
+    // Held as the log shipper holds a volume it is still draining.
+    let pvs = Api::<PersistentVolume>::all(fx.client.clone());
+    let hold =
+        json!({ "metadata": { "finalizers": ["localship.io/cleanup", "localship.io/ship-logs"] } });
+    pvs.patch(
+        &old.name_any(),
+        &Default::default(),
+        &kube::api::Patch::Merge(hold),
+    )
+    .await?;
+    delete_claim_and_pod(&fx.client, &fx.ns, claim).await?;
+    let pvcs = Api::<PersistentVolumeClaim>::namespaced(fx.client.clone(), &fx.ns);
+    wait_for("the old claim to be gone", EVENT_TIMEOUT, || async {
+        Ok(pvcs.get_opt(claim).await?.is_none().then_some(()))
+    })
+    .await?;
+    make().await?;
+    let message = wait_event(&fx.client, claim, "ProvisioningFailed").await?;
+    ensure!(message.contains(&old.name_any()), "{message}");
+    ensure!(
+        phase(&pvcs.get(claim).await?) == "Pending",
+        "the new claim bound to the held directory"
+    );
+    // The shipper lets go: the old volume and its directory go, then the
+    // new claim gets a directory of its own.
+    let release = json!({ "metadata": { "finalizers": ["localship.io/cleanup"] } });
+    pvs.patch(
+        &old.name_any(),
+        &Default::default(),
+        &kube::api::Patch::Merge(release),
+    )
+    .await?;
+    wait_pv_gone(&fx.client, &old.name_any()).await?;
+    let new = wait_bound(&fx.client, &fx.ns, claim).await?;
+    ensure!(
+        Path::new(&host_path(&new)) == dir,
+        "not the pattern's directory"
+    );
+    ensure!(
+        !dir.join("old").exists(),
+        "the new volume holds the old one's data"
+    );
+    std::fs::write(dir.join("new"), "the new pod's")?;
+    // Nothing of the old volume is left to act on the new one's directory.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    ensure!(dir.join("new").exists(), "the new pod's data was removed");
+    delete_claim_and_pod(&fx.client, &fx.ns, claim).await?;
+    wait_pv_gone(&fx.client, &new.name_any()).await?;
+    Ok(message)
 }
 
 /// `mount --bind` (needs root, as a node's agent has).
