@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::Client;
 use localship_tests::bench::{env_or, pct};
+use localship_tests::claims::pvs_in;
 use localship_tests::node::install::{kubectl, user_overlay};
 use localship_tests::node::{RealNode, NODE_NAME};
 use localship_tests::{apply_yaml, wait_for};
@@ -241,19 +242,7 @@ async fn burst(
         TIMEOUT,
         || async {
             let pods_left = pods.list(&ListParams::default()).await?.items.len();
-            let pvs_left = pvs
-                .list(&ListParams::default())
-                .await?
-                .items
-                .iter()
-                .filter(|pv| {
-                    pv.spec
-                        .as_ref()
-                        .and_then(|s| s.claim_ref.as_ref())
-                        .and_then(|r| r.namespace.as_deref())
-                        == Some(ns.as_str())
-                })
-                .count();
+            let pvs_left = pvs_in(client, &ns).await?.len();
             Ok((pods_left == 0 && pvs_left == 0).then_some(()))
         },
     )

@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, ListParams};
-use localship_tests::servers::helm_bin;
 use localship_tests::{apply_yaml, control_plane, wait_for, ProvisionerAgent};
 use serde_json::Value;
 
@@ -36,15 +35,7 @@ fn fixture(name: &str) -> String {
 
 /// Runs helm with its cache, config and data kept out of $HOME.
 fn helm(args: &[&str]) -> Result<Output> {
-    let home = localship_tests::scratch_dir("helm-home")?;
-    let out = std::process::Command::new(helm_bin()?)
-        .args(args)
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()
-        .context("run helm")?;
-    Ok(out)
+    localship_tests::node::install::run_helm(None, args)
 }
 
 /// `helm template` of the chart as release `release` in `namespace`.

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::Api;
 use localship_tests::claims::{host_path, wait_bound, wait_pv_gone};
@@ -107,20 +108,26 @@ pub async fn kustomize_shipping(env: &mut Env) -> Result<()> {
     let overlay = overlay.display().to_string();
     kubectl(&env.node, &["apply", "-k", &overlay])?;
     let manifest = rendered_daemonset(&kubectl(&env.node, &["kustomize", &overlay])?)?;
+    check_shipping_agents(env, &manifest).await?;
+    ships_and_holds_through_outage(env).await
+}
+
+/// Both containers Ready on the node and running as the manifest says.
+async fn check_shipping_agents(env: &Env, manifest: &DaemonSet) -> Result<()> {
     let client = env.node.control_plane().client().await?;
     let pod = wait_agent_ready(&client, &["logshipper", "provisioner"]).await?;
     check_agent(
         &env.node,
         &client,
         &pod,
-        &manifest,
+        manifest,
         &[
             ("provisioner", CAP_DAC_OVERRIDE | CAP_FOWNER),
             ("logshipper", CAP_DAC_READ_SEARCH),
         ],
     )
     .await?;
-    ships_and_holds_through_outage(env).await
+    Ok(())
 }
 
 fn create_secret(env: &Env) -> Result<()> {
@@ -247,20 +254,8 @@ pub async fn helm_install(env: &mut Env) -> Result<()> {
     let mut template = vec!["template", "localship", &chart, "-n", NAMESPACE];
     template.extend(values.iter().map(String::as_str));
     let manifest = rendered_daemonset(&helm(&env.node, &template)?)?;
-    let client = env.node.control_plane().client().await?;
-    let pod = wait_agent_ready(&client, &["logshipper", "provisioner"]).await?;
-    check_agent(
-        &env.node,
-        &client,
-        &pod,
-        &manifest,
-        &[
-            ("provisioner", CAP_DAC_OVERRIDE | CAP_FOWNER),
-            ("logshipper", CAP_DAC_READ_SEARCH),
-        ],
-    )
-    .await?;
-    check_default_class(&client).await
+    check_shipping_agents(env, &manifest).await?;
+    check_default_class(&env.node.control_plane().client().await?).await
 }
 
 /// Under the chart's install: a worker's log ships, and its volume goes once

@@ -46,17 +46,9 @@ pub fn kubectl(node: &RealNode, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// Runs helm against the node's control plane, with its own cache and config.
+/// Runs helm against the node's control plane; fails with its stderr.
 pub fn helm(node: &RealNode, args: &[&str]) -> Result<String> {
-    let home = crate::scratch_dir("helm-home")?;
-    let out = std::process::Command::new(helm_bin()?)
-        .args(args)
-        .env("KUBECONFIG", node.control_plane().admin_kubeconfig())
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()
-        .context("run helm")?;
+    let out = run_helm(Some(node.control_plane().admin_kubeconfig()), args)?;
     if !out.status.success() {
         bail!(
             "helm {}: {}",
@@ -65,6 +57,21 @@ pub fn helm(node: &RealNode, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Runs helm with its cache, config and data kept out of $HOME, against the
+/// cluster of `kubeconfig` if one is given.
+pub fn run_helm(kubeconfig: Option<&Path>, args: &[&str]) -> Result<std::process::Output> {
+    let home = crate::scratch_dir("helm-home")?;
+    let mut helm = std::process::Command::new(helm_bin()?);
+    helm.args(args)
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    if let Some(kubeconfig) = kubeconfig {
+        helm.env("KUBECONFIG", kubeconfig);
+    }
+    helm.output().context("run helm")
 }
 
 /// `to` relative to `from`, both absolute and canonical.
