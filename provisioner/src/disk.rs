@@ -15,7 +15,7 @@ use std::path::{Component, Path, PathBuf};
 use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{open, openat, AtFlags, OFlag};
-use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, Mode, SFlag};
+use nix::sys::stat::{fchmod, fstatat, mkdirat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use thiserror::Error;
 
@@ -289,7 +289,7 @@ pub fn remove_volume_dir(base: &Path, rel: &Path) -> Result<Removed, DiskError> 
 /// A directory on the way down: who it is, its name in its parent, and the
 /// subdirectories still to remove.
 struct Level {
-    id: (u64, u64),
+    id: Identity,
     name: CString,
     path: PathBuf,
     subdirs: Vec<CString>,
@@ -304,11 +304,10 @@ fn remove_contents(
     root_path: &Path,
     removed: &mut Removed,
 ) -> Result<(), DiskError> {
-    let root_mount = mount_id(root.as_fd()).map_err(io(root_path, "statx"))?;
-    let root_stat = fstat(root.as_fd()).map_err(io(root_path, "stat"))?;
+    let root_id = identity(root.as_fd()).map_err(io(root_path, "statx"))?;
     let mut current = nix::unistd::dup(root.as_fd()).map_err(io(root_path, "dup"))?;
     let mut stack = vec![Level {
-        id: (root_stat.st_dev, root_stat.st_ino),
+        id: root_id,
         name: CString::default(),
         path: root_path.to_path_buf(),
         subdirs: empty_files(current.as_fd(), root_path, removed)?,
@@ -321,14 +320,14 @@ fn remove_contents(
                 Err(Errno::ENOENT) => continue,
                 Err(errno) => return Err(io(&path, "open")(errno)),
             };
-            if mount_id(child.as_fd()).map_err(io(&path, "statx"))? != root_mount {
+            let id = identity(child.as_fd()).map_err(io(&path, "statx"))?;
+            if id.mount != root_id.mount {
                 return Err(DiskError::MountPoint { path });
             }
-            let st = fstat(child.as_fd()).map_err(io(&path, "stat"))?;
             let subdirs = empty_files(child.as_fd(), &path, removed)?;
             current = child;
             stack.push(Level {
-                id: (st.st_dev, st.st_ino),
+                id,
                 name,
                 path,
                 subdirs,
@@ -344,8 +343,7 @@ fn remove_contents(
         } else {
             let up = openat(current.as_fd(), "..", dir_flags(), Mode::empty())
                 .map_err(io(&parent.path, "open"))?;
-            let st = fstat(up.as_fd()).map_err(io(&parent.path, "stat"))?;
-            if (st.st_dev, st.st_ino) != parent.id {
+            if identity(up.as_fd()).map_err(io(&parent.path, "statx"))? != parent.id {
                 return Err(DiskError::Changed {
                     path: parent.path.clone(),
                 });
@@ -404,10 +402,17 @@ fn empty_files(
     Ok(subdirs)
 }
 
-/// The id of the mount `fd` lies on (statx `STATX_MNT_ID`, Linux 5.8+):
-/// unlike the device number, it tells a bind mount of the same filesystem
-/// apart.
-fn mount_id(fd: BorrowedFd) -> Result<u64, Errno> {
+/// Which directory a descriptor is: the mount it lies on and its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    mount: u64,
+    inode: u64,
+}
+
+/// One statx for both. The mount id (`STATX_MNT_ID`, Linux 5.8+), unlike
+/// the device number, tells a bind mount of the same filesystem apart.
+fn identity(fd: BorrowedFd) -> Result<Identity, Errno> {
+    let want = libc::STATX_MNT_ID | libc::STATX_INO;
     // SAFETY: statx writes at most size_of::<statx>() bytes into `stx`, and
     // the empty path is a valid NUL-terminated string.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
@@ -416,18 +421,21 @@ fn mount_id(fd: BorrowedFd) -> Result<u64, Errno> {
             fd.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH,
-            libc::STATX_MNT_ID,
+            want,
             &mut stx,
         )
     };
     if rc != 0 {
         return Err(Errno::last());
     }
-    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+    if stx.stx_mask & want != want {
         // Without mount ids a bind mount cannot be told apart: refuse.
         return Err(Errno::ENOSYS);
     }
-    Ok(stx.stx_mnt_id)
+    Ok(Identity {
+        mount: stx.stx_mnt_id,
+        inode: stx.stx_ino,
+    })
 }
 
 #[cfg(test)]

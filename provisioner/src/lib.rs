@@ -1,6 +1,7 @@
 //! localship's node-local provisioner. Read top-down: [`claim`] decides
 //! whether a claim is this node's, [`paths`] and [`volume`] plan the
 //! directory and the PV (pure), [`disk`] makes and removes directories,
+//! [`owner`] says which PV a directory belongs to,
 //! [`provision`] and [`reclaim`] are the two controllers, [`run`] wires them.
 
 pub mod annotations;
@@ -11,6 +12,7 @@ pub mod context;
 pub mod disk;
 pub mod http;
 pub mod metrics;
+pub mod owner;
 pub mod paths;
 pub mod provision;
 pub mod quantity;

@@ -20,7 +20,7 @@ use crate::config::Placement;
 use crate::context::Context;
 use crate::paths::{self, ClaimNames};
 use crate::volume::{self, Plan};
-use crate::{disk, Error, Result};
+use crate::{disk, owner, Error, Result};
 
 pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action> {
     match claim::disposition(&claim, &ctx.node, &ctx.names) {
@@ -188,21 +188,15 @@ async fn provision(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Outco
     // drains must not share, then lose, its data); a record naming a PV that
     // is gone is stale. Recorded before the directory is made, so a crash in
     // between leaves the directory ours.
-    let (b, r) = (base.clone(), rel.clone());
-    let recorded = tokio::task::spawn_blocking(move || disk::owner(&b, &r))
-        .await
-        .expect("owner does not panic")?;
-    if let Some(other) = recorded.filter(|o| *o != pv_name) {
-        if pvs.get_opt(&other).await?.is_some() {
-            let note = format!(
-                "{} belongs to PV {other}, which still exists; the claim waits until that \
-                 volume is gone and its directory removed (or use a pathPattern that gives \
-                 each claim its own directory)",
-                base.join(&rel).display()
-            );
-            fail(note.clone()).await;
-            return Err(Error::Invalid(note));
-        }
+    if let Some(other) = owner::held_by_other(ctx, &base, &rel, &pv_name).await? {
+        let note = format!(
+            "{} belongs to PV {other}, which still exists; the claim waits until that \
+             volume is gone and its directory removed (or use a pathPattern that gives \
+             each claim its own directory)",
+            base.join(&rel).display()
+        );
+        fail(note.clone()).await;
+        return Err(Error::Invalid(note));
     }
     let (b, r, owner) = (base.clone(), rel.clone(), pv_name.clone());
     tokio::task::spawn_blocking(move || disk::set_owner(&b, &r, &owner))

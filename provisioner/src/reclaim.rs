@@ -20,7 +20,7 @@ use crate::annotations::{
     BASE_PATH, CLEANUP_FINALIZER, HOST_PATH, NODE, PROVISIONED_BY, SHIP_LOGS_FINALIZER,
 };
 use crate::context::Context;
-use crate::{disk, paths, volume, Error, Result};
+use crate::{disk, owner, paths, volume, Error, Result};
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
     let ours = pv
@@ -165,19 +165,11 @@ async fn remove_directory(pv: &PersistentVolume, ctx: &Context) -> Result<disk::
         .map_err(|e| Error::Invalid(e.to_string()))?;
     // Only the directory's own PV removes it; a record naming another PV
     // that still exists means the directory is that volume's now.
-    let (b, r) = (base.clone(), rel.clone());
-    let recorded = tokio::task::spawn_blocking(move || disk::owner(&b, &r))
-        .await
-        .expect("owner does not panic")?;
-    let name = pv.name_any();
-    if let Some(other) = recorded.as_ref().filter(|o| **o != name) {
-        let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-        if pvs.get_opt(other).await?.is_some() {
-            return Err(Error::Invalid(format!(
-                "{host} belongs to PV {other}, not to this one; nothing is removed. \
-                 Remove this PV's {CLEANUP_FINALIZER} finalizer to let it go"
-            )));
-        }
+    if let Some(other) = owner::held_by_other(ctx, &base, &rel, &pv.name_any()).await? {
+        return Err(Error::Invalid(format!(
+            "{host} belongs to PV {other}, not to this one; nothing is removed. \
+             Remove this PV's {CLEANUP_FINALIZER} finalizer to let it go"
+        )));
     }
     let removed = tokio::task::spawn_blocking(move || {
         let removed = disk::remove_volume_dir(&base, &rel)?;
