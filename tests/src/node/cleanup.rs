@@ -114,10 +114,15 @@ pub(super) fn stop_node_processes(dir: &Path, containerd: Option<Process>) -> Re
 /// the volume.
 pub(super) fn remove_node_dir(dir: &Path) -> Result<()> {
     host::unmount_under(dir)?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let needle = format!(" {}", dir.display());
-    if let Some(line) = mountinfo.lines().find(|l| l.contains(&needle)) {
-        bail!("still mounted under {}: {line}", dir.display());
+    if let Some(left) = host::mounts()?
+        .into_iter()
+        .find(|m| m.point.starts_with(dir))
+    {
+        bail!(
+            "still mounted under {}: {}",
+            dir.display(),
+            left.point.display()
+        );
     }
     std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))
 }

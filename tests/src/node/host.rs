@@ -195,25 +195,45 @@ impl HostState {
     }
 }
 
-/// Mount points without a `shared:` tag, and whether each has `master:`.
-fn unshared_mounts() -> Result<Vec<(String, bool)>> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(parse_unshared(&mountinfo))
+/// One line of /proc/self/mountinfo: where it is mounted and how it
+/// propagates.
+#[derive(Debug, PartialEq)]
+pub struct Mount {
+    pub point: PathBuf,
+    pub shared: bool,
+    pub slave: bool,
 }
 
-fn parse_unshared(mountinfo: &str) -> Vec<(String, bool)> {
+/// This process's mounts, in mountinfo's order.
+pub fn mounts() -> Result<Vec<Mount>> {
+    Ok(parse_mounts(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
+}
+
+fn parse_mounts(mountinfo: &str) -> Vec<Mount> {
     mountinfo
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let point = unescape_mount_path(fields.get(4)?);
-            let optional = fields.get(6..)?.iter().take_while(|f| **f != "-");
-            let tags: Vec<&&str> = optional.collect();
-            let shared = tags.iter().any(|t| t.starts_with("shared:"));
-            let slave = tags.iter().any(|t| t.starts_with("master:"));
-            (!shared).then(|| (point.display().to_string(), slave))
+            let tags: Vec<&&str> = fields.get(6..)?.iter().take_while(|f| **f != "-").collect();
+            Some(Mount {
+                point,
+                shared: tags.iter().any(|t| t.starts_with("shared:")),
+                slave: tags.iter().any(|t| t.starts_with("master:")),
+            })
         })
         .collect()
+}
+
+/// Mount points that are not shared, and whether each is a slave.
+fn unshared_mounts() -> Result<Vec<(String, bool)>> {
+    Ok(mounts()?
+        .into_iter()
+        .filter(|m| !m.shared)
+        .map(|m| (m.point.display().to_string(), m.slave))
+        .collect())
 }
 
 fn sysctl_path(name: &str) -> PathBuf {
@@ -372,11 +392,9 @@ fn remove_cgroup_tree(dir: &Path) -> Result<()> {
 
 /// Detaches every mount at or below `dir`, deepest first.
 pub fn unmount_under(dir: &Path) -> Result<()> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mount_path)
+    let mut points: Vec<PathBuf> = mounts()?
+        .into_iter()
+        .map(|m| m.point)
         .filter(|p| p.starts_with(dir))
         .collect();
     // Stacked mounts appear once each; deepest paths first.
@@ -440,13 +458,22 @@ mod tests {
     }
 
     #[test]
-    fn unshared_mounts_are_found_with_their_slavery() {
+    fn mounts_are_parsed_with_their_propagation() {
         let info = "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
                     28 27 0:5 / /dev rw shared:2 - devtmpfs udev rw\n\
                     29 27 0:6 / /mnt\\040x rw master:3 - tmpfs t rw\n";
+        let mount = |point: &str, shared, slave| Mount {
+            point: PathBuf::from(point),
+            shared,
+            slave,
+        };
         assert_eq!(
-            parse_unshared(info),
-            [("/".to_string(), false), ("/mnt x".to_string(), true)]
+            parse_mounts(info),
+            [
+                mount("/", false, false),
+                mount("/dev", true, false),
+                mount("/mnt x", false, true)
+            ]
         );
     }
 

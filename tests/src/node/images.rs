@@ -103,16 +103,14 @@ fn build(
 /// `ctr` names the import `<base-name>:<the layout's ref.name annotation>`,
 /// which umoci sets to the tag; checked afterwards, as the kubelet asks by name.
 fn import(address: &Path, image: &str, archive: &Path) -> Result<()> {
-    let ctr = || {
-        let mut cmd = Command::new("ctr");
-        cmd.arg("--address")
-            .arg(address)
-            .args(["-n", "k8s.io", "images"]);
+    let images = || {
+        let mut cmd = super::ctr_command(address);
+        cmd.arg("images");
         cmd
     };
     let (name, _) = split_ref(image);
-    run(ctr().args(["import", "--base-name", name]).arg(archive))?;
-    let listed = String::from_utf8_lossy(&run(ctr().args(["ls", "-q"]))?.stdout).into_owned();
+    run(images().args(["import", "--base-name", name]).arg(archive))?;
+    let listed = String::from_utf8_lossy(&run(images().args(["ls", "-q"]))?.stdout).into_owned();
     if !listed.lines().any(|l| l == image) {
         bail!(
             "ctr imported {} but containerd lists no {image}:\n{listed}",
@@ -134,19 +132,7 @@ fn split_ref(image: &str) -> (&str, &str) {
 /// says which package provides it.
 fn run(cmd: &mut Command) -> Result<Output> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd.output().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => {
-            let package = match program.as_str() {
-                "ctr" => "containerd",
-                "cc" => "gcc",
-                "ldd" => "libc-bin",
-                "strip" => "binutils",
-                other => other,
-            };
-            anyhow::anyhow!("{program} not found: apt-get install {package}")
-        }
-        _ => anyhow::Error::new(e).context(format!("run {program}")),
-    })?;
+    let out = cmd.output().map_err(|e| super::missing_tool(&program, e))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}):\n{}",

@@ -357,14 +357,42 @@ fn add_node_bridge() -> Result<()> {
     Ok(())
 }
 
+/// `ctr` against the containerd at `socket`, in the kubelet's namespace.
+fn ctr_command(socket: &Path) -> Command {
+    let mut cmd = Command::new("ctr");
+    cmd.arg("--address").arg(socket).args(["-n", "k8s.io"]);
+    cmd
+}
+
 fn ctr(socket: &Path, args: &[&str]) -> Result<Output> {
-    Command::new(which("ctr")?)
-        .arg("--address")
-        .arg(socket)
-        .args(["-n", "k8s.io"])
+    ctr_command(socket)
         .args(args)
         .output()
-        .context("run ctr")
+        .map_err(|e| missing_tool("ctr", e))
+}
+
+/// The Debian package that provides a tool the node uses.
+fn package_of(tool: &str) -> &str {
+    match tool {
+        "containerd" | "ctr" => "containerd",
+        "busybox" => "busybox-static",
+        "cc" => "gcc",
+        "ldd" => "libc-bin",
+        "strip" => "binutils",
+        other => other,
+    }
+}
+
+/// Says which package to install when `tool` could not be started.
+fn missing_tool(tool: &str, e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        anyhow::anyhow!(
+            "{tool} is missing: `apt-get install {}` (`make servers` installs the node's packages)",
+            package_of(tool)
+        )
+    } else {
+        anyhow::Error::new(e).context(format!("run {tool}"))
+    }
 }
 
 /// A Debian package's binary, with the package to install when it is missing.
@@ -375,12 +403,5 @@ pub fn which(name: &str) -> Result<PathBuf> {
             return Ok(path);
         }
     }
-    let package = match name {
-        "containerd" | "ctr" => "containerd",
-        "runc" => "runc",
-        "umoci" => "umoci",
-        "busybox" => "busybox-static",
-        other => other,
-    };
-    bail!("{name} is missing: `apt-get install {package}` (`make servers` installs the node's packages)")
+    Err(missing_tool(name, std::io::ErrorKind::NotFound.into()))
 }
