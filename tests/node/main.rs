@@ -101,12 +101,7 @@ fn main() -> ExitCode {
     let env = runtime.block_on(async {
         let node = RealNode::start().await?;
         let minio = Minio::start_on(NODE_IP).await?;
-        minio
-            .client()
-            .create_bucket()
-            .bucket(shipping::BUCKET)
-            .send()
-            .await?;
+        minio.create_bucket(shipping::BUCKET).await?;
         anyhow::Ok(Env { node, minio })
     });
     let mut env = match env {

@@ -54,28 +54,12 @@ fn expected_log(attempt: u32) -> Vec<u8> {
     text.into_bytes()
 }
 
-async fn object(env: &Env, key: &str) -> Result<Option<Vec<u8>>> {
-    let got = env
-        .minio
-        .client()
-        .get_object()
-        .bucket(BUCKET)
-        .key(key)
-        .send()
-        .await;
-    match got {
-        Ok(out) => Ok(Some(out.body.collect().await?.into_bytes().to_vec())),
-        Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Waits until the log's key holds exactly what the pod wrote.
 async fn wait_shipped(env: &Env, attempt: u32) -> Result<()> {
     let key = format!("logs/{}", log_path(attempt));
     let want = expected_log(attempt);
     wait_for(&format!("{key} to be shipped"), SHIP_TIMEOUT, || async {
-        Ok(match object(env, &key).await? {
+        Ok(match env.minio.get_object(BUCKET, &key).await? {
             Some(got) if got == want => Some(()),
             Some(got) => anyhow::bail!(
                 "{key} holds {} bytes, not the {} written",
