@@ -25,6 +25,9 @@ pub const CLEANUP_FINALIZER: &str = "localship.io/cleanup";
 /// Held by the log shipper until every log in the volume is shipped; the
 /// directory is not removed while it is present.
 pub const SHIP_LOGS_FINALIZER: &str = "localship.io/ship-logs";
+/// The log shipper's default opt-in annotation: on a claim (or its class), it asks for the
+/// volume's logs to be shipped; copied onto the PV so the ask outlives the claim.
+pub const SHIP_TO: &str = "localship.io/ship-to";
 
 /// StorageClass parameter or claim annotation: `hostPath` (default) or `local`.
 pub const VOLUME_TYPE: &str = "volumeType";

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::annotations::{DEFAULT_PROVISIONER_NAME, RANCHER_PROVISIONER_NAME};
+use crate::annotations::{DEFAULT_PROVISIONER_NAME, RANCHER_PROVISIONER_NAME, SHIP_TO};
 
 /// Node-local provisioner for WaitForFirstConsumer PersistentVolumeClaims.
 ///
@@ -60,6 +60,12 @@ pub struct Args {
     /// handed back to the scheduler. Accepts quantities such as 10Gi.
     #[arg(long, env = "LOCALSHIP_RESERVE", default_value = "0", value_parser = parse_quantity)]
     pub reserve: u64,
+
+    /// The log shipper's opt-in annotation (its --opt-in-annotation). A claim that carries
+    /// it, or whose StorageClass has it as a parameter or annotation, gets a PV that the
+    /// shipper holds from the moment it is made. Empty: never held.
+    #[arg(long, value_name = "NAME", env = "LOCALSHIP_OPT_IN_ANNOTATION", default_value = SHIP_TO)]
+    pub opt_in_annotation: String,
 
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "LOCALSHIP_LISTEN", default_value = "0.0.0.0:9101")]

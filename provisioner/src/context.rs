@@ -25,6 +25,7 @@ pub struct Context {
     pub metrics: Metrics,
     pub dir_mode: u32,
     pub reserve: u64,
+    pub opt_in_annotation: String,
 }
 
 impl Context {
@@ -50,6 +51,7 @@ impl Context {
             metrics,
             dir_mode: args.dir_mode,
             reserve: args.reserve,
+            opt_in_annotation: args.opt_in_annotation.clone(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! directory and the PV (pure), [`disk`] makes and removes directories,
 //! [`owner`] says which PV a directory belongs to,
 //! [`provision`] and [`reclaim`] are the two controllers, [`run`] wires them.
+//! [`node_cleanup`] (its own binary and identity) lets go of volumes of nodes that left.
 
 pub mod annotations;
 pub mod claim;
@@ -12,6 +13,7 @@ pub mod context;
 pub mod disk;
 pub mod http;
 pub mod metrics;
+pub mod node_cleanup;
 pub mod owner;
 pub mod paths;
 pub mod provision;

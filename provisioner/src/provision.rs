@@ -232,6 +232,8 @@ async fn provision(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Outco
         host_path,
         volume_type,
         request,
+        ship_to: volume::ship_to(claim, &class, &ctx.opt_in_annotation)
+            .map(|value| (ctx.opt_in_annotation.clone(), value)),
     };
     let pv = volume::build(claim, &class, &plan);
     match pvs.create(&PostParams::default(), &pv).await {

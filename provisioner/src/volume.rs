@@ -15,7 +15,7 @@ use kube::api::ObjectMeta;
 use kube::ResourceExt;
 
 use crate::annotations::{
-    BASE_PATH, CLEANUP_FINALIZER, HOST_PATH, NODE, NODE_LABEL, PROVISIONED_BY,
+    BASE_PATH, CLEANUP_FINALIZER, HOST_PATH, NODE, NODE_LABEL, PROVISIONED_BY, SHIP_LOGS_FINALIZER,
 };
 use crate::claim::{Request, VolumeType};
 
@@ -35,6 +35,27 @@ pub struct Plan {
     pub host_path: PathBuf,
     pub volume_type: VolumeType,
     pub request: Request,
+    /// The log shipper's opt-in: the annotation it reads, and the value the claim (or
+    /// class) gave it. The PV is then made with the shipper's finalizer already on it, so a
+    /// claim deleted before the shipper saw its volume still has its logs shipped, and
+    /// records the value for when the claim is gone.
+    pub ship_to: Option<(String, String)>,
+}
+
+/// The value of the shipper's opt-in `key` for this claim: the claim's annotation, else
+/// the class's parameter, else the class's annotation (the shipper's own order).
+pub fn ship_to(claim: &PersistentVolumeClaim, class: &StorageClass, key: &str) -> Option<String> {
+    if key.is_empty() {
+        return None;
+    }
+    [
+        claim.metadata.annotations.as_ref(),
+        class.parameters.as_ref(),
+        class.metadata.annotations.as_ref(),
+    ]
+    .into_iter()
+    .find_map(|m| m?.get(key))
+    .cloned()
 }
 
 pub fn build(claim: &PersistentVolumeClaim, class: &StorageClass, plan: &Plan) -> PersistentVolume {
@@ -55,7 +76,7 @@ pub fn build(claim: &PersistentVolumeClaim, class: &StorageClass, plan: &Plan) -
             }),
         ),
     };
-    let annotations = BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (PROVISIONED_BY.to_string(), plan.provisioner.clone()),
         (NODE.to_string(), plan.node.clone()),
         (
@@ -67,6 +88,11 @@ pub fn build(claim: &PersistentVolumeClaim, class: &StorageClass, plan: &Plan) -
             plan.base_path.to_string_lossy().into_owned(),
         ),
     ]);
+    let mut finalizers = vec![CLEANUP_FINALIZER.to_string()];
+    if let Some((key, value)) = &plan.ship_to {
+        annotations.insert(key.clone(), value.clone());
+        finalizers.push(SHIP_LOGS_FINALIZER.to_string());
+    }
     PersistentVolume {
         metadata: ObjectMeta {
             name: Some(pv_name(claim)),
@@ -75,7 +101,7 @@ pub fn build(claim: &PersistentVolumeClaim, class: &StorageClass, plan: &Plan) -
                 plan.node.clone(),
             )])),
             annotations: Some(annotations),
-            finalizers: Some(vec![CLEANUP_FINALIZER.to_string()]),
+            finalizers: Some(finalizers),
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeSpec {
@@ -199,8 +225,36 @@ mod tests {
             host_path: "/opt/local-path-provisioner/pvc-1234_airflow_logs-airflow-worker-0".into(),
             volume_type: VolumeType::HostPath,
             request: crate::claim::request(&claim).unwrap(),
+            ship_to: None,
         };
         (claim, class, plan)
+    }
+
+    #[test]
+    fn a_volume_that_ships_logs_is_held_for_the_shipper_from_the_start() {
+        let (mut claim, mut class, mut plan) = fixtures();
+        let key = "localship.io/ship-to";
+        assert_eq!(ship_to(&claim, &class, key), None);
+        class.parameters = Some(BTreeMap::from([(key.into(), "s3://a/logs".into())]));
+        assert_eq!(ship_to(&claim, &class, key).as_deref(), Some("s3://a/logs"));
+        claim.metadata.annotations = Some(BTreeMap::from([(key.into(), "s3://b/logs".into())]));
+        assert_eq!(
+            ship_to(&claim, &class, key).as_deref(),
+            Some("s3://b/logs"),
+            "the claim wins"
+        );
+        assert_eq!(ship_to(&claim, &class, ""), None, "opt-in off");
+
+        plan.ship_to = Some((key.into(), "s3://b/logs".into()));
+        let pv = build(&claim, &class, &plan);
+        assert_eq!(
+            pv.metadata.finalizers,
+            Some(vec![
+                CLEANUP_FINALIZER.to_string(),
+                SHIP_LOGS_FINALIZER.to_string()
+            ])
+        );
+        assert_eq!(pv.annotations()[key], "s3://b/logs");
     }
 
     #[test]

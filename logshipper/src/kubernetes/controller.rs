@@ -156,6 +156,7 @@ impl Context {
         };
         let asked = Asked {
             claim: claim.as_ref().and_then(|c| c.metadata.annotations.as_ref()),
+            volume: pv.metadata.annotations.as_ref(),
             class_parameters: class.as_ref().and_then(|c| c.parameters.as_ref()),
             class_annotations: class.as_ref().and_then(|c| c.metadata.annotations.as_ref()),
         };
@@ -198,21 +199,36 @@ impl Context {
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
     let held = finalizer::holds(&pv);
-    if pv.meta().deletion_timestamp.is_some() {
-        if !held {
-            return Ok(Action::await_change());
-        }
-        return drain(&pv, &ctx).await;
+    let deleting = pv.meta().deletion_timestamp.is_some();
+    if deleting && !held {
+        return Ok(Action::await_change());
     }
-    if !held {
+    // The provisioner holds a volume for us from its creation when its claim asks; one
+    // not yet shipped from in this process is checked here, and one this shipper must
+    // refuse is let go rather than kept for ever.
+    let started = ctx
+        .shipping
+        .lock()
+        .expect("not poisoned")
+        .contains_key(&pv.name_any());
+    if !held || !started {
         match ctx.opt_in(&pv).await? {
-            OptIn::No => return Ok(Action::requeue(OPT_IN_RECHECK)),
+            OptIn::Refused(why) if held => {
+                ctx.refuse(&pv, format!("{why}; released the PV")).await;
+                let api = Api::<PersistentVolume>::all(ctx.client.clone());
+                finalizer::release(&api, &pv).await?;
+                return Ok(Action::await_change());
+            }
+            OptIn::No if !held => return Ok(Action::requeue(OPT_IN_RECHECK)),
             OptIn::Refused(why) => {
                 ctx.refuse(&pv, why).await;
                 return Ok(Action::requeue(OPT_IN_RECHECK));
             }
-            OptIn::Yes => {}
+            OptIn::Yes | OptIn::No => {}
         }
+    }
+    if deleting {
+        return drain(&pv, &ctx).await;
     }
     let volume = match Volume::of(&pv, &ctx.node) {
         Ok(volume) => volume,

@@ -24,5 +24,6 @@ mod tests {
         assert_eq!(super::HOST_PATH, provisioner::HOST_PATH);
         assert_eq!(super::BASE_PATH, provisioner::BASE_PATH);
         assert_eq!(super::SHIP_LOGS_FINALIZER, provisioner::SHIP_LOGS_FINALIZER);
+        assert_eq!(crate::cli::DEFAULT_OPT_IN_ANNOTATION, provisioner::SHIP_TO);
     }
 }

@@ -22,6 +22,9 @@ pub enum OptIn {
 /// Where the opt-in may be, most specific first.
 pub struct Asked<'a> {
     pub claim: Option<&'a Annotations>,
+    /// The PV's: the provisioner copies the claim's (or class's) value there when it makes
+    /// the volume, so the ask survives the claim.
+    pub volume: Option<&'a Annotations>,
     pub class_parameters: Option<&'a Annotations>,
     pub class_annotations: Option<&'a Annotations>,
 }
@@ -29,6 +32,7 @@ pub struct Asked<'a> {
 pub fn decide(key: &str, dest: &DestinationUrl, asked: Asked<'_>) -> OptIn {
     let places = [
         ("the claim's annotation", asked.claim),
+        ("the PV's annotation", asked.volume),
         ("the StorageClass parameter", asked.class_parameters),
         ("the StorageClass annotation", asked.class_annotations),
     ];
@@ -75,6 +79,7 @@ mod tests {
         let (claim, params, class) = (map(claim), map(params), map(class));
         let asked = Asked {
             claim: Some(&claim),
+            volume: None,
             class_parameters: Some(&params),
             class_annotations: Some(&class),
         };
@@ -86,6 +91,7 @@ mod tests {
         assert_eq!(decide_with(&[("other", "x")], &[], &[]), OptIn::No);
         let asked = Asked {
             claim: None,
+            volume: None,
             class_parameters: None,
             class_annotations: None,
         };
@@ -128,5 +134,25 @@ mod tests {
                 other => panic!("{value}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_pvs_record_speaks_once_the_claim_is_gone() {
+        let (pv, other) = (
+            map(&[(KEY, "s3://airflow/logs")]),
+            map(&[(KEY, "s3://other")]),
+        );
+        let asked = |claim| Asked {
+            claim,
+            volume: Some(&pv),
+            class_parameters: Some(&other),
+            class_annotations: None,
+        };
+        assert_eq!(decide(KEY, &dest(), asked(None)), OptIn::Yes);
+        let claim = map(&[(KEY, "s3://other")]);
+        assert!(matches!(
+            decide(KEY, &dest(), asked(Some(&claim))),
+            OptIn::Refused(_)
+        ));
     }
 }
