@@ -3,36 +3,13 @@
 
 pub use localship_tests::claims::*;
 
-use anyhow::{bail, Context, Result};
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::api::{Api, PostParams};
+use anyhow::{bail, Result};
 use kube::Client;
-use localship_tests::kubeconfig::write_token_kubeconfig;
-use localship_tests::{apply_yaml, wait_for, ControlPlane};
+use localship_tests::{apply_yaml, wait_for};
 
 /// Held by tests that make a default StorageClass: with two defaults the
 /// apiserver picks the newest, so they take turns.
 pub static DEFAULT_CLASS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A kubeconfig with a token of ServiceAccount `ns/name`: the agents run as
-/// the DaemonSet's pods would.
-pub async fn service_account_kubeconfig(
-    cp: &ControlPlane,
-    ns: &str,
-    name: &str,
-) -> Result<std::path::PathBuf> {
-    let client = cp.client().await?;
-    let request: TokenRequest =
-        serde_json::from_value(serde_json::json!({ "spec": { "expirationSeconds": 3600 } }))?;
-    let token: TokenRequest = Api::<ServiceAccount>::namespaced(client, ns)
-        .create_subresource("token", name, &PostParams::default(), &request)
-        .await?;
-    let token = token.status.context("no token issued")?.token;
-    let kubeconfig = localship_tests::scratch_dir("sa")?.join(format!("{name}.kubeconfig"));
-    write_token_kubeconfig(&kubeconfig, cp.server(), cp.ca_pem(), name, &token)?;
-    Ok(kubeconfig)
-}
 
 /// Documents of a multi-document YAML stream, parsed.
 pub fn yaml_documents(yaml: &str) -> Result<Vec<serde_json::Value>> {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::Api;
-use localship_tests::{apply_yaml, control_plane, wait_for, ProvisionerAgent};
+use localship_tests::{apply_yaml, authority, control_plane, wait_for, ProvisionerAgent};
 
 use crate::common::*;
 
@@ -43,11 +43,17 @@ async fn localship_namespace(client: &kube::Client, manifests: &str) -> Result<(
     Ok(())
 }
 
-/// The containers of the one DaemonSet among `objects`.
-fn containers(objects: &[serde_json::Value]) -> Result<&Vec<serde_json::Value>> {
-    object(objects, "DaemonSet", None)?["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .context("no containers")
+/// The containers of every DaemonSet among `objects`.
+fn containers(objects: &[serde_json::Value]) -> Result<Vec<&serde_json::Value>> {
+    let mut all = Vec::new();
+    for daemonset in objects.iter().filter(|o| o["kind"] == "DaemonSet") {
+        all.extend(
+            daemonset["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .context("no containers")?,
+        );
+    }
+    Ok(all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,22 +162,55 @@ async fn deploy_applies_and_its_rbac_is_enough_for_the_agents() -> Result<()> {
     // The overlay with the log shipper is valid too, and adds its container.
     let shipping = kustomize_dir("deploy/overlays/s3-shipping")?;
     let objects = apply_yaml(&client, None, &shipping, true).await?;
-    let daemonset = objects
+    // The shipper is a DaemonSet of its own, under its own ServiceAccount.
+    let daemonsets: Vec<(String, String, Vec<String>)> = objects
         .iter()
-        .find(|o| o.types.as_ref().is_some_and(|t| t.kind == "DaemonSet"))
-        .context("no DaemonSet in the s3-shipping overlay")?;
-    let containers: Vec<&str> = daemonset.data["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .context("no containers")?
-        .iter()
-        .filter_map(|c| c["name"].as_str())
+        .filter(|o| o.types.as_ref().is_some_and(|t| t.kind == "DaemonSet"))
+        .map(|o| {
+            let spec = &o.data["spec"]["template"]["spec"];
+            let names = spec["containers"].as_array().into_iter().flatten();
+            (
+                o.metadata.name.clone().unwrap_or_default(),
+                spec["serviceAccountName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                names
+                    .filter_map(|c| c["name"].as_str().map(String::from))
+                    .collect(),
+            )
+        })
         .collect();
-    assert_eq!(containers, ["logshipper", "provisioner"]);
+    let expected = |name: &str, account: &str, container: &str| {
+        (
+            name.to_string(),
+            account.to_string(),
+            vec![container.to_string()],
+        )
+    };
+    assert_eq!(
+        daemonsets,
+        [
+            expected("localship", "localship", "provisioner"),
+            expected("localship-logshipper", "localship-logshipper", "logshipper"),
+        ]
+    );
     // Dry-run stored nothing.
     let classes = Api::<StorageClass>::all(client.clone());
     assert!(classes.get_opt("local-path").await?.is_none());
 
-    apply_yaml(&client, None, &manifests, false).await?;
+    // The policy's base paths are this machine's scratch directories, where the agents
+    // make volumes, as every other test's agents do.
+    let default_bases = "allowedBasePaths: /opt/local-path-provisioner";
+    assert!(manifests.contains(default_bases), "{manifests}");
+    let allowed = format!("allowedBasePaths: {}", authority::allowed_bases()?);
+    apply_yaml(
+        &client,
+        None,
+        &manifests.replace(default_bases, &allowed),
+        false,
+    )
+    .await?;
     let class = classes.get("local-path").await?;
     assert_eq!(
         class.volume_binding_mode.as_deref(),
@@ -179,15 +218,17 @@ async fn deploy_applies_and_its_rbac_is_enough_for_the_agents() -> Result<()> {
     );
     assert_eq!(class.provisioner, "localship.io/local-path");
 
-    // The agents run as the DaemonSet would: with the ServiceAccount's token.
-    let kubeconfig = service_account_kubeconfig(cp, "localship", "localship").await?;
+    // The agents run as the DaemonSet's pods would: the ServiceAccount's token, bound to
+    // a pod on each one's node, under the admission policies.
     let mut agents = Vec::new();
     for node in ["node-a", "node-b"] {
+        let kubeconfig = authority::node_kubeconfig(cp, "localship", node).await?;
         agents.push(
             ProvisionerAgent::start_as(cp, node, "localship.io/local-path", &[], &kubeconfig)
                 .await?,
         );
     }
+    let kubeconfig = authority::node_kubeconfig(cp, "localship", "node-a").await?;
 
     // Claims shaped like the Airflow chart's, with no storageClassName.
     let ns = cp.namespace("airflow").await?;

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, ListParams};
-use localship_tests::{apply_yaml, control_plane, wait_for, ProvisionerAgent};
+use localship_tests::{apply_yaml, authority, control_plane, wait_for, ProvisionerAgent};
 use serde_json::Value;
 
 use crate::common::*;
@@ -66,14 +66,17 @@ async fn dry_run(client: &kube::Client, yaml: &str) -> Result<Vec<Value>> {
 fn kinds(objects: &[Value]) -> Vec<&str> {
     let mut kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
     kinds.sort();
+    kinds.dedup();
     kinds
 }
 
+/// The container `name` of any DaemonSet among `objects`.
 fn container<'a>(objects: &'a [Value], name: &str) -> Result<&'a Value> {
-    object(objects, "DaemonSet", None)?["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .context("no containers")?
+    objects
         .iter()
+        .filter(|o| o["kind"] == "DaemonSet")
+        .filter_map(|d| d["spec"]["template"]["spec"]["containers"].as_array())
+        .flatten()
         .find(|c| c["name"] == name)
         .with_context(|| format!("no {name} container"))
 }
@@ -142,16 +145,49 @@ async fn the_chart_renders_what_kustomize_installs_and_the_apiserver_admits_it()
             "ClusterRoleBinding",
             "ConfigMap",
             "DaemonSet",
+            "Deployment",
             "Service",
             "ServiceAccount",
-            "StorageClass"
+            "StorageClass",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
         ]
     );
     let kustomized = yaml_documents(&kustomize_dir("deploy")?)?;
-    // No more permissions than deploy/ grants, and no fewer.
+    // No more permissions than deploy/ grants, and no fewer; the same policies.
+    for role in ["localship", "localship-node-cleanup"] {
+        assert_eq!(
+            canonical_rules(object(&objects, "ClusterRole", Some(role))?),
+            canonical_rules(object(&kustomized, "ClusterRole", Some(role))?),
+            "{role}"
+        );
+    }
+    for policy in [
+        "localship-agent-volumes",
+        "localship-agent-claims",
+        "localship-node-cleanup",
+    ] {
+        let chart = object(&objects, "ValidatingAdmissionPolicy", Some(policy))?;
+        let base = object(&kustomized, "ValidatingAdmissionPolicy", Some(policy))?;
+        // The same CEL, however each tool folds its lines.
+        let words = |v: &Value| {
+            let text = v.to_string().replace("\\n", " ");
+            text.split_whitespace().collect::<Vec<_>>().join(" ")
+        };
+        for field in ["validations", "variables", "paramKind"] {
+            assert_eq!(
+                words(&chart["spec"][field]),
+                words(&base["spec"][field]),
+                "{policy}: {field}"
+            );
+        }
+        let condition = chart["spec"]["matchConditions"][0]["expression"].to_string();
+        let in_ns = format!("system:serviceaccount:{ns}:localship");
+        assert!(condition.contains(&in_ns), "{policy}: {condition}");
+    }
     assert_eq!(
-        canonical_rules(object(&objects, "ClusterRole", Some("localship"))?),
-        canonical_rules(object(&kustomized, "ClusterRole", Some("localship"))?)
+        object(&objects, "ConfigMap", None)?["data"]["allowedBasePaths"],
+        "/opt/local-path-provisioner"
     );
     let binding = object(&objects, "ClusterRoleBinding", Some("localship"))?;
     assert_eq!(binding["subjects"][0]["namespace"], ns.as_str());
@@ -200,12 +236,33 @@ async fn the_chart_renders_what_kustomize_installs_and_the_apiserver_admits_it()
             "ClusterRoleBinding",
             "ConfigMap",
             "DaemonSet",
+            "Deployment",
             "Secret",
             "Service",
             "ServiceAccount",
             "ServiceMonitor",
-            "StorageClass"
+            "StorageClass",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
         ]
+    );
+    let shipping = yaml_documents(&kustomize_dir("deploy/overlays/s3-shipping")?)?;
+    assert_eq!(
+        canonical_rules(object(
+            &objects,
+            "ClusterRole",
+            Some("ls-localship-logshipper")
+        )?),
+        canonical_rules(object(
+            &shipping,
+            "ClusterRole",
+            Some("localship-logshipper")
+        )?)
+    );
+    let shipper_set = object(&objects, "DaemonSet", Some("ls-localship-logshipper"))?;
+    assert_eq!(
+        shipper_set["spec"]["template"]["spec"]["serviceAccountName"],
+        "ls-localship-logshipper"
     );
     let class = object(&objects, "StorageClass", Some("local-path-shipped"))?;
     assert_eq!(
@@ -298,9 +355,15 @@ async fn the_chart_renders_what_kustomize_installs_and_the_apiserver_admits_it()
         mounts(shipper),
         paths.map(|p| (p.to_string(), true)).to_vec()
     );
-    let pod = &object(&objects, "DaemonSet", None)?["spec"]["template"]["spec"];
-    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
-    assert_eq!(pod["tolerations"][0]["key"], "dedicated");
+    for set in ["ls-localship", "ls-localship-logshipper"] {
+        let pod = &object(&objects, "DaemonSet", Some(set))?["spec"]["template"]["spec"];
+        assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux", "{set}");
+        assert_eq!(pod["tolerations"][0]["key"], "dedicated", "{set}");
+    }
+    assert_eq!(
+        object(&objects, "ConfigMap", None)?["data"]["allowedBasePaths"],
+        paths.join(",")
+    );
     let config = config(&objects)?;
     assert_eq!(config["nodePathMap"][1]["node"], "node-a");
 
@@ -391,13 +454,16 @@ async fn airflow_claims_without_a_class_bind_through_the_charts_default_class() 
             &format!("storageClass.name={class_name}"),
             "--set",
             &format!("provisionerName={prov}"),
+            "--set",
+            &format!("policy.allowedBasePaths={}", authority::allowed_bases()?),
         ],
     )?;
     apply_yaml(&client, None, &manifests, false).await?;
+    // Each agent as the chart's DaemonSet pod on its node, under the chart's policies.
     let fullname = format!("{release}-localship");
-    let kubeconfig = service_account_kubeconfig(cp, &ns, &fullname).await?;
     let mut agents = Vec::new();
     for node in ["node-a", "node-b"] {
+        let kubeconfig = authority::node_kubeconfig_in(cp, &ns, &fullname, node).await?;
         agents.push(ProvisionerAgent::start_as(cp, node, &prov, &[], &kubeconfig).await?);
     }
 

@@ -3,6 +3,7 @@
 //! with agents and provisioner names of its own, and every MinIO is a test's own.
 
 mod airflow_reader;
+mod authority;
 mod coexist;
 mod common;
 mod dashboard;

@@ -96,7 +96,7 @@ async fn a_deleted_volume_keeps_its_directory_until_its_logs_are_shipped() -> Re
     let mut minio = Minio::start().await?;
     minio.create_bucket("airflow").await?;
     let _agent = ProvisionerAgent::start(cp, "node-a", &provisioner_name(&ns), &[]).await?;
-    let mut shipper = ShipperAgent::kubernetes(cp, "node-a", &minio, DEST, &[])?;
+    let mut shipper = ShipperAgent::kubernetes(cp, "node-a", &minio, DEST, &[]).await?;
     shipper.start().await?;
     let held = ever_held(&client, "node-a");
     let class = format!("{ns}-logs");

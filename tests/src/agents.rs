@@ -24,14 +24,18 @@ pub struct ProvisionerAgent {
 
 impl ProvisionerAgent {
     /// Starts an agent for `node` that answers to `provisioner` with
-    /// `extra` flags appended, and waits until it reports ready.
+    /// `extra` flags appended, and waits until it reports ready. It acts as
+    /// the DaemonSet's pod on `node` would: its ServiceAccount, with a token
+    /// bound to a pod there, under deploy/'s admission policies.
     pub async fn start(
         cp: &ControlPlane,
         node: &str,
         provisioner: &str,
         extra: &[String],
     ) -> Result<Self> {
-        Self::start_as(cp, node, provisioner, extra, cp.admin_kubeconfig()).await
+        let kubeconfig =
+            crate::authority::node_kubeconfig(cp, crate::authority::PROVISIONER, node).await?;
+        Self::start_as(cp, node, provisioner, extra, &kubeconfig).await
     }
 
     /// Like [`start`](Self::start), with another identity's kubeconfig.

@@ -7,6 +7,7 @@
 pub mod agents;
 pub mod airflow;
 pub mod apply;
+pub mod authority;
 pub mod bench;
 pub mod certs;
 pub mod claims;

@@ -35,8 +35,9 @@ impl ShipperAgent {
     }
 
     /// A Kubernetes-mode shipper for `node`, shipping its opted-in volumes to `dest` on
-    /// `minio`, with the admin kubeconfig. Not started yet.
-    pub fn kubernetes(
+    /// `minio`, as the shipper's DaemonSet pod on `node` would act (see
+    /// [`crate::authority`]). Not started yet.
+    pub async fn kubernetes(
         cp: &ControlPlane,
         node: &str,
         minio: &Minio,
@@ -46,7 +47,9 @@ impl ShipperAgent {
         let mut args = vec![format!("--node-name={node}")];
         args.extend(extra.iter().map(|s| s.to_string()));
         let shipper = Self::new(&format!("shipper-{node}"), minio, dest, args)?;
-        Ok(shipper.env("KUBECONFIG", &cp.admin_kubeconfig().display().to_string()))
+        let kubeconfig =
+            crate::authority::node_kubeconfig(cp, crate::authority::SHIPPER, node).await?;
+        Ok(shipper.env("KUBECONFIG", &kubeconfig.display().to_string()))
     }
 
     fn new(name: &str, minio: &Minio, dest: &str, mut args: Vec<String>) -> Result<Self> {

@@ -18,6 +18,11 @@ app.kubernetes.io/name: {{ include "localship.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{- define "localship.shipperSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "localship.name" . }}-logshipper
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
 {{- define "localship.labels" -}}
 {{ include "localship.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
