@@ -91,6 +91,28 @@ async fn container_logs(pods: &Api<Pod>, containers: &[&str]) -> String {
     text
 }
 
+/// The last lines each container wrote before its last restart.
+async fn previous_logs(client: &Client, pod: &str, containers: &[&str]) -> String {
+    let pods = Api::<Pod>::namespaced(client.clone(), NAMESPACE);
+    let mut text = String::new();
+    for container in containers {
+        let params = kube::api::LogParams {
+            container: Some(container.to_string()),
+            previous: true,
+            tail_lines: Some(30),
+            ..Default::default()
+        };
+        let logs = pods
+            .logs(pod, &params)
+            .await
+            .unwrap_or_else(|e| e.to_string());
+        text.push_str(&format!(
+            "--- {pod}/{container}, before its restart:\n{logs}\n"
+        ));
+    }
+    text
+}
+
 /// What the manifest asks of each container holds for the process the
 /// runtime started, read from the host: its uid, its capability sets, no
 /// new privileges, and a read-only root. `caps` is the CapEff mask the
@@ -184,7 +206,11 @@ pub async fn check_agent(
         .and_then(|s| s.container_statuses.as_ref())
         .map(|c| c.iter().map(|c| c.restart_count).sum())
         .unwrap_or_default();
-    ensure!(restarts == 0, "containers restarted: {}", describe(&pod));
+    if restarts != 0 {
+        let containers: Vec<&str> = caps.iter().map(|(c, _)| *c).collect();
+        let previous = previous_logs(client, name, &containers).await;
+        bail!("containers restarted: {}\n{previous}", describe(&pod));
+    }
     // A readiness probe may fail while a container starts (it is not ready
     // yet); once the pod is Ready, no probe of either kind may fail.
     let ready_since = pod
@@ -214,14 +240,17 @@ pub async fn check_agent(
 }
 
 /// The DaemonSet as rendered (`kubectl kustomize` or `helm template`).
-pub fn rendered_daemonset(yaml: &str) -> Result<DaemonSet> {
+pub fn rendered_daemonset(yaml: &str, container: &str) -> Result<DaemonSet> {
     for doc in yaml.split("\n---\n") {
         let value: Value = serde_yaml::from_str(doc)?;
-        if value["kind"] == "DaemonSet" {
+        let containers = &value["spec"]["template"]["spec"]["containers"];
+        let has = |c: &Value| c["name"] == container;
+        if value["kind"] == "DaemonSet" && containers.as_array().is_some_and(|l| l.iter().any(has))
+        {
             return Ok(serde_json::from_value(value)?);
         }
     }
-    bail!("no DaemonSet rendered")
+    bail!("no DaemonSet with a {container} container rendered")
 }
 
 /// Removes an install and waits for its namespace to be gone, so the next

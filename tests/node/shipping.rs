@@ -8,7 +8,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::Api;
 use localship_tests::claims::{host_path, wait_bound, wait_pv_gone};
@@ -91,26 +90,21 @@ pub async fn kustomize_shipping(env: &mut Env) -> Result<()> {
     )?;
     let overlay = overlay.display().to_string();
     kubectl(&env.node, &["apply", "-k", &overlay])?;
-    let manifest = rendered_daemonset(&kubectl(&env.node, &["kustomize", &overlay])?)?;
-    check_shipping_agents(env, &manifest).await?;
+    check_shipping_agents(env, &kubectl(&env.node, &["kustomize", &overlay])?).await?;
     ships_and_holds_through_outage(env).await
 }
 
-/// Both containers Ready on the node and running as the manifest says.
-async fn check_shipping_agents(env: &Env, manifest: &DaemonSet) -> Result<()> {
+/// Both agents' pods Ready on the node, each running as its DaemonSet in `rendered` says.
+async fn check_shipping_agents(env: &Env, rendered: &str) -> Result<()> {
     let client = env.node.control_plane().client().await?;
-    let pod = wait_agent_ready(&client, &["logshipper", "provisioner"]).await?;
-    check_agent(
-        &env.node,
-        &client,
-        &pod,
-        manifest,
-        &[
-            ("provisioner", CAP_DAC_OVERRIDE | CAP_FOWNER),
-            ("logshipper", CAP_DAC_READ_SEARCH),
-        ],
-    )
-    .await?;
+    for (container, caps) in [
+        ("provisioner", CAP_DAC_OVERRIDE | CAP_FOWNER),
+        ("logshipper", CAP_DAC_READ_SEARCH),
+    ] {
+        let manifest = rendered_daemonset(rendered, container)?;
+        let pod = wait_agent_ready(&client, &[container]).await?;
+        check_agent(&env.node, &client, &pod, &manifest, &[(container, caps)]).await?;
+    }
     Ok(())
 }
 
@@ -237,8 +231,7 @@ pub async fn helm_install(env: &mut Env) -> Result<()> {
     helm(&env.node, &args)?;
     let mut template = vec!["template", "localship", &chart, "-n", NAMESPACE];
     template.extend(values.iter().map(String::as_str));
-    let manifest = rendered_daemonset(&helm(&env.node, &template)?)?;
-    check_shipping_agents(env, &manifest).await?;
+    check_shipping_agents(env, &helm(&env.node, &template)?).await?;
     check_default_class(&env.node.control_plane().client().await?).await
 }
 

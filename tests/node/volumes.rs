@@ -25,7 +25,10 @@ pub async fn kustomize_install(env: &mut Env) -> Result<()> {
     let overlay = base_overlay(env)?;
     let overlay = overlay.display().to_string();
     kubectl(&env.node, &["apply", "-k", &overlay])?;
-    let manifest = rendered_daemonset(&kubectl(&env.node, &["kustomize", &overlay])?)?;
+    let manifest = rendered_daemonset(
+        &kubectl(&env.node, &["kustomize", &overlay])?,
+        "provisioner",
+    )?;
     let client = env.node.control_plane().client().await?;
     let pod = wait_agent_ready(&client, &["provisioner"]).await?;
     check_agent(
@@ -43,10 +46,17 @@ fn base_overlay(env: &Env) -> Result<std::path::PathBuf> {
     user_overlay(&env.node.dir().join("overlays/base"), "deploy", "")
 }
 
-/// `kubectl delete -k` of the base (the shipping overlay adds only objects in
-/// its namespace), so the next install starts from a bare cluster.
+/// `kubectl delete -k` of the shipping overlay (everything the base installs,
+/// and the shipper's cluster-wide RBAC), so the next install starts from a
+/// bare cluster whichever of the two was installed.
 pub async fn kustomize_uninstall(env: &mut Env) -> Result<()> {
-    let overlay = base_overlay(env)?.display().to_string();
+    let overlay = user_overlay(
+        &env.node.dir().join("overlays/s3-shipping"),
+        "deploy/overlays/s3-shipping",
+        "",
+    )?
+    .display()
+    .to_string();
     kubectl(
         &env.node,
         &[

@@ -202,7 +202,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_real_dockerfile_describes_a_nonroot_image_of_both_binaries() {
+    fn the_real_dockerfile_describes_a_nonroot_image_of_every_binary() {
         let stage = parse_runtime_stage(DOCKERFILE).unwrap();
         assert!(
             stage.base.starts_with("gcr.io/distroless/cc-debian12"),
@@ -214,6 +214,7 @@ mod tests {
             paths,
             [
                 "/usr/local/bin/localship-provisioner",
+                "/usr/local/bin/localship-node-cleanup",
                 "/usr/local/bin/localship-logshipper"
             ]
         );
