@@ -17,6 +17,7 @@ pub struct ProvisionerAgent {
     pub node: String,
     dir: PathBuf,
     kubeconfig: PathBuf,
+    bin: PathBuf,
     args: Vec<String>,
     port: u16,
     process: Option<Process>,
@@ -43,6 +44,33 @@ impl ProvisionerAgent {
         kubeconfig: &Path,
     ) -> Result<Self> {
         let _ = cp;
+        let bin = localship_bin("localship-provisioner")?;
+        let mut agent = Self::new(node, provisioner, extra, kubeconfig, &bin)?;
+        agent.restart().await?;
+        Ok(agent)
+    }
+
+    /// An agent running `bin` (another build of it, for a before/after bench),
+    /// started without waiting until it is ready: see [`is_ready`](Self::is_ready).
+    pub fn launch(
+        node: &str,
+        provisioner: &str,
+        extra: &[String],
+        kubeconfig: &Path,
+        bin: &Path,
+    ) -> Result<Self> {
+        let mut agent = Self::new(node, provisioner, extra, kubeconfig, bin)?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn new(
+        node: &str,
+        provisioner: &str,
+        extra: &[String],
+        kubeconfig: &Path,
+        bin: &Path,
+    ) -> Result<Self> {
         let dir = crate::scratch_dir(&format!("agent-{node}"))?;
         let port = free_port();
         let mut args = vec![
@@ -57,16 +85,15 @@ impl ProvisionerAgent {
             args.push(format!("--base-path={}", dir.join("base").display()));
         }
         args.extend(extra.iter().cloned());
-        let mut agent = Self {
+        Ok(Self {
             node: node.to_string(),
             dir,
             kubeconfig: kubeconfig.to_path_buf(),
+            bin: bin.to_path_buf(),
             args,
             port,
             process: None,
-        };
-        agent.restart().await?;
-        Ok(agent)
+        })
     }
 
     /// The base path used when no --config/--base-path was passed.
@@ -98,24 +125,14 @@ impl ProvisionerAgent {
         }
     }
 
+    /// Whether /readyz answers 200.
+    pub fn is_ready(&self) -> bool {
+        http_get(self.port, "/readyz").is_ok_and(|(code, _)| code == 200)
+    }
+
     /// Starts the agent (again) and waits for /readyz.
     pub async fn restart(&mut self) -> Result<()> {
-        self.kill();
-        let envs = vec![
-            (
-                "KUBECONFIG".to_string(),
-                self.kubeconfig.display().to_string(),
-            ),
-            ("RUST_LOG".to_string(), "info".to_string()),
-        ];
-        let process = Process::spawn(
-            &format!("provisioner-{}", self.node),
-            &localship_bin("localship-provisioner")?,
-            &self.args,
-            &envs,
-            &self.dir,
-        )?;
-        self.process = Some(process);
+        self.spawn()?;
         let port = self.port;
         let log = self.dir.join(format!("provisioner-{}.log", self.node));
         wait_for(
@@ -130,6 +147,27 @@ impl ProvisionerAgent {
         )
         .await
         .with_context(|| format!("agent log tail:\n{}", crate::process::log_tail(&log, 30)))
+    }
+
+    /// Starts the agent (again), killing a running one first.
+    fn spawn(&mut self) -> Result<()> {
+        self.kill();
+        let envs = vec![
+            (
+                "KUBECONFIG".to_string(),
+                self.kubeconfig.display().to_string(),
+            ),
+            ("RUST_LOG".to_string(), "info".to_string()),
+        ];
+        let process = Process::spawn(
+            &format!("provisioner-{}", self.node),
+            &self.bin,
+            &self.args,
+            &envs,
+            &self.dir,
+        )?;
+        self.process = Some(process);
+        Ok(())
     }
 
     /// The agent's /metrics text.
