@@ -19,11 +19,11 @@ use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use kube::Client;
 use localship_tests::bench::{env_or, mib, proc_kib};
-use localship_tests::burst::{burst, failed_provisions, static_pvs, table};
-use localship_tests::claims::create_claim;
+use localship_tests::burst::{burst, burst_classes, failed_provisions, static_pvs, table};
+use localship_tests::claims::{create_claim, storage_class};
 use localship_tests::relay::{apiserver_addr, Relay};
 use localship_tests::servers::localship_bin;
-use localship_tests::{apply_yaml, control_plane, ControlPlane, ProvisionerAgent, NODES};
+use localship_tests::{control_plane, ControlPlane, ProvisionerAgent, NODES};
 use serde_json::json;
 
 /// How long bytes received are counted from the agent's start.
@@ -53,29 +53,15 @@ async fn main() -> Result<()> {
     let client = cp.client().await?;
     let ns = cp.namespace("memory").await?;
     let provisioner = format!("{ns}.bench.localship.io/local-path");
-    let classes = format!(
-        r#"
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {{ name: {ns}-other }}
-provisioner: example.com/other
-volumeBindingMode: WaitForFirstConsumer
----
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {{ name: {ns}-static }}
-provisioner: kubernetes.io/no-provisioner
-volumeBindingMode: WaitForFirstConsumer
----
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {{ name: {ns}-localship }}
-provisioner: {provisioner}
-volumeBindingMode: WaitForFirstConsumer
-reclaimPolicy: Delete
-"#
-    );
-    apply_yaml(&client, None, &classes, false).await?;
+    burst_classes(&client, &ns, &provisioner).await?;
+    storage_class(
+        &client,
+        &format!("{ns}-other"),
+        "example.com/other",
+        "Delete",
+        "",
+    )
+    .await?;
     let placed = |provisioner: &str, node: &str| {
         json!({
             "volume.kubernetes.io/storage-provisioner": provisioner,

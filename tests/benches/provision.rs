@@ -15,9 +15,9 @@ use anyhow::{ensure, Result};
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::Api;
 use localship_tests::bench::{env_or, mib, proc_kib};
-use localship_tests::burst::{burst, failed_provisions, static_pvs, table};
+use localship_tests::burst::{burst, burst_classes, failed_provisions, static_pvs, table};
 use localship_tests::claims::{create_claim_with_pod, pvs_in, wait_all_bound};
-use localship_tests::{apply_yaml, control_plane, ProvisionerAgent, NODES};
+use localship_tests::{control_plane, ProvisionerAgent, NODES};
 use serde_json::json;
 
 #[tokio::main]
@@ -33,23 +33,7 @@ async fn main() -> Result<()> {
     let provisioner = format!("{ns}.bench.localship.io/local-path");
     let mut a = ProvisionerAgent::start(cp, NODES[0], &provisioner, &[]).await?;
     let b = ProvisionerAgent::start(cp, NODES[1], &provisioner, &[]).await?;
-    let classes = format!(
-        r#"
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {{ name: {ns}-static }}
-provisioner: kubernetes.io/no-provisioner
-volumeBindingMode: WaitForFirstConsumer
----
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {{ name: {ns}-localship }}
-provisioner: {provisioner}
-volumeBindingMode: WaitForFirstConsumer
-reclaimPolicy: Delete
-"#
-    );
-    apply_yaml(&client, None, &classes, false).await?;
+    burst_classes(&client, &ns, &provisioner).await?;
     let scratch = localship_tests::scratch_dir("static-pvs")?;
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
 

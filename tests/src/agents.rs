@@ -45,26 +45,14 @@ impl ProvisionerAgent {
     ) -> Result<Self> {
         let _ = cp;
         let bin = localship_bin("localship-provisioner")?;
-        let mut agent = Self::new(node, provisioner, extra, kubeconfig, &bin)?;
-        agent.restart().await?;
+        let agent = Self::launch(node, provisioner, extra, kubeconfig, &bin)?;
+        agent.wait_ready().await?;
         Ok(agent)
     }
 
     /// An agent running `bin` (another build of it, for a before/after bench),
     /// started without waiting until it is ready: see [`is_ready`](Self::is_ready).
     pub fn launch(
-        node: &str,
-        provisioner: &str,
-        extra: &[String],
-        kubeconfig: &Path,
-        bin: &Path,
-    ) -> Result<Self> {
-        let mut agent = Self::new(node, provisioner, extra, kubeconfig, bin)?;
-        agent.spawn()?;
-        Ok(agent)
-    }
-
-    fn new(
         node: &str,
         provisioner: &str,
         extra: &[String],
@@ -85,7 +73,7 @@ impl ProvisionerAgent {
             args.push(format!("--base-path={}", dir.join("base").display()));
         }
         args.extend(extra.iter().cloned());
-        Ok(Self {
+        let mut agent = Self {
             node: node.to_string(),
             dir,
             kubeconfig: kubeconfig.to_path_buf(),
@@ -93,7 +81,9 @@ impl ProvisionerAgent {
             args,
             port,
             process: None,
-        })
+        };
+        agent.spawn()?;
+        Ok(agent)
     }
 
     /// The base path used when no --config/--base-path was passed.
@@ -133,17 +123,15 @@ impl ProvisionerAgent {
     /// Starts the agent (again) and waits for /readyz.
     pub async fn restart(&mut self) -> Result<()> {
         self.spawn()?;
-        let port = self.port;
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
         let log = self.dir.join(format!("provisioner-{}.log", self.node));
         wait_for(
             &format!("provisioner on {} to be ready", self.node),
             Duration::from_secs(30),
-            || async move {
-                Ok(http_get(port, "/readyz")
-                    .ok()
-                    .filter(|(code, _)| *code == 200)
-                    .map(|_| ()))
-            },
+            || async { Ok(self.is_ready().then_some(())) },
         )
         .await
         .with_context(|| format!("agent log tail:\n{}", crate::process::log_tail(&log, 30)))

@@ -15,8 +15,30 @@ use kube::Client;
 use serde_json::json;
 
 use crate::bench::pct;
-use crate::claims::create_claim_with_pod;
+use crate::claims::{create_claim_with_pod, storage_class};
 use crate::{ProvisionerAgent, NODES};
+
+/// The classes a burst binds through, both WaitForFirstConsumer: `<ns>-static`
+/// (the anchor's, no provisioner) and `<ns>-localship` (`provisioner`'s).
+pub async fn burst_classes(client: &Client, ns: &str, provisioner: &str) -> Result<()> {
+    let static_class = format!("{ns}-static");
+    storage_class(
+        client,
+        &static_class,
+        "kubernetes.io/no-provisioner",
+        "Delete",
+        "",
+    )
+    .await?;
+    storage_class(
+        client,
+        &format!("{ns}-localship"),
+        provisioner,
+        "Delete",
+        "",
+    )
+    .await
+}
 
 /// The anchor's volumes: `n` static hostPath PVs of `class` named `<prefix>-<i>`, half
 /// per node, their directories under `scratch`.
