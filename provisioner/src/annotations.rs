@@ -6,6 +6,9 @@ pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 pub const STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
 /// The pre-1.23 spelling of [`STORAGE_PROVISIONER`], still set for old clients.
 pub const STORAGE_PROVISIONER_BETA: &str = "volume.beta.kubernetes.io/storage-provisioner";
+/// Set by the PV controller once a claim is bound: what an agent that watches only
+/// metadata reads instead of `spec.volumeName`.
+pub const BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
 /// Stamped on every PV we create, as the external-provisioner library does.
 pub const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 

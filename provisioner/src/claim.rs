@@ -1,11 +1,12 @@
 //! Which claims this agent serves, and what a claim asks for.
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use thiserror::Error;
 
 use crate::annotations::{
-    SELECTED_NODE, STORAGE_PROVISIONER, STORAGE_PROVISIONER_BETA, VOLUME_TYPE,
+    BIND_COMPLETED, SELECTED_NODE, STORAGE_PROVISIONER, STORAGE_PROVISIONER_BETA, VOLUME_TYPE,
 };
 use crate::quantity::{parse_bytes, BadQuantity};
 
@@ -26,37 +27,55 @@ pub enum Disposition {
 }
 
 /// The provisioner a claim asks for, from either annotation spelling.
-pub fn requested_provisioner(claim: &PersistentVolumeClaim) -> Option<&str> {
-    let ann = claim.metadata.annotations.as_ref()?;
+pub fn requested_provisioner(meta: &ObjectMeta) -> Option<&str> {
+    let ann = meta.annotations.as_ref()?;
     ann.get(STORAGE_PROVISIONER)
         .or_else(|| ann.get(STORAGE_PROVISIONER_BETA))
         .map(String::as_str)
 }
 
-pub fn selected_node(claim: &PersistentVolumeClaim) -> Option<&str> {
-    claim.annotations().get(SELECTED_NODE).map(String::as_str)
+pub fn selected_node(meta: &ObjectMeta) -> Option<&str> {
+    meta.annotations
+        .as_ref()?
+        .get(SELECTED_NODE)
+        .map(String::as_str)
 }
 
-/// The `ShouldProvision` qualifier: only claims for one of `names` that the
-/// scheduler placed on `node` are this agent's.
-pub fn disposition(claim: &PersistentVolumeClaim, node: &str, names: &[String]) -> Disposition {
-    let bound = claim
-        .spec
+/// Whether a claim asks for one of `names`. Only these are kept in an agent's
+/// cache, so its memory follows its own claims, not the cluster's.
+pub fn is_ours(meta: &ObjectMeta, names: &[String]) -> bool {
+    requested_provisioner(meta).is_some_and(|p| names.iter().any(|n| n == p))
+}
+
+/// The `ShouldProvision` qualifier, from the metadata alone (all an agent
+/// watches): only claims for one of `names` that the scheduler placed on
+/// `node` are this agent's.
+pub fn disposition(meta: &ObjectMeta, node: &str, names: &[String]) -> Disposition {
+    let bound = meta
+        .annotations
         .as_ref()
-        .and_then(|s| s.volume_name.as_deref())
-        .is_some_and(|v| !v.is_empty());
+        .is_some_and(|a| a.contains_key(BIND_COMPLETED));
     if bound {
         return Disposition::Bound;
     }
-    match requested_provisioner(claim) {
-        Some(p) if names.iter().any(|n| n == p) => {}
-        _ => return Disposition::NotOurs,
+    if !is_ours(meta, names) {
+        return Disposition::NotOurs;
     }
-    match selected_node(claim) {
+    match selected_node(meta) {
         None => Disposition::AwaitingNode,
         Some(n) if n == node => Disposition::Mine,
         Some(_) => Disposition::OtherNode,
     }
+}
+
+/// Whether the whole claim already names a volume: bound, or bound by its
+/// author before the PV controller annotated it.
+pub fn has_volume(claim: &PersistentVolumeClaim) -> bool {
+    claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_deref())
+        .is_some_and(|v| !v.is_empty())
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -166,18 +185,25 @@ mod tests {
             json!({ STORAGE_PROVISIONER: "localship.io/local-path", SELECTED_NODE: "node-a" }),
             spec.clone(),
         );
-        assert_eq!(disposition(&mine, "node-a", &names()), Disposition::Mine);
         assert_eq!(
-            disposition(&mine, "node-b", &names()),
+            disposition(&mine.metadata, "node-a", &names()),
+            Disposition::Mine
+        );
+        assert_eq!(
+            disposition(&mine.metadata, "node-b", &names()),
             Disposition::OtherNode
         );
+        assert!(is_ours(&mine.metadata, &names()));
         let legacy = claim(
             json!({ STORAGE_PROVISIONER_BETA: "rancher.io/local-path", SELECTED_NODE: "node-a" }),
             spec.clone(),
         );
-        assert_eq!(disposition(&legacy, "node-a", &names()), Disposition::Mine);
         assert_eq!(
-            disposition(&legacy, "node-a", &names()[..1]),
+            disposition(&legacy.metadata, "node-a", &names()),
+            Disposition::Mine
+        );
+        assert_eq!(
+            disposition(&legacy.metadata, "node-a", &names()[..1]),
             Disposition::NotOurs
         );
         let immediate = claim(
@@ -185,7 +211,7 @@ mod tests {
             spec.clone(),
         );
         assert_eq!(
-            disposition(&immediate, "node-a", &names()),
+            disposition(&immediate.metadata, "node-a", &names()),
             Disposition::AwaitingNode
         );
         let other = claim(
@@ -193,14 +219,35 @@ mod tests {
             spec,
         );
         assert_eq!(
-            disposition(&other, "node-a", &names()),
+            disposition(&other.metadata, "node-a", &names()),
             Disposition::NotOurs
         );
+        assert!(!is_ours(&other.metadata, &names()));
+        let unannotated = claim(json!({}), json!({}));
+        assert!(!is_ours(&unannotated.metadata, &names()));
         let bound = claim(
-            json!({ STORAGE_PROVISIONER: "localship.io/local-path", SELECTED_NODE: "node-a" }),
+            json!({
+                STORAGE_PROVISIONER: "localship.io/local-path",
+                SELECTED_NODE: "node-a",
+                BIND_COMPLETED: "yes"
+            }),
             json!({ "volumeName": "pvc-1" }),
         );
-        assert_eq!(disposition(&bound, "node-a", &names()), Disposition::Bound);
+        assert_eq!(
+            disposition(&bound.metadata, "node-a", &names()),
+            Disposition::Bound
+        );
+        assert!(has_volume(&bound));
+        // Named by its author, not yet annotated: only the whole claim says so.
+        let prebound = claim(
+            json!({ STORAGE_PROVISIONER: "localship.io/local-path", SELECTED_NODE: "node-a" }),
+            json!({ "volumeName": "pvc-2" }),
+        );
+        assert_eq!(
+            disposition(&prebound.metadata, "node-a", &names()),
+            Disposition::Mine
+        );
+        assert!(has_volume(&prebound) && !has_volume(&mine));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -22,8 +22,29 @@ use crate::paths::{self, ClaimNames};
 use crate::volume::{self, Plan};
 use crate::{disk, owner, Error, Result};
 
-pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action> {
-    match claim::disposition(&claim, &ctx.node, &ctx.names) {
+/// What an agent watches of a claim: its metadata, which holds the provisioner and the
+/// selected node. The spec is fetched only for a claim that may need this agent.
+pub type ClaimMeta = PartialObjectMeta<PersistentVolumeClaim>;
+
+pub async fn reconcile(meta: Arc<ClaimMeta>, ctx: Arc<Context>) -> Result<Action> {
+    if !matches!(
+        claim::disposition(&meta.metadata, &ctx.node, &ctx.names),
+        Disposition::Mine | Disposition::AwaitingNode
+    ) {
+        return Ok(Action::await_change());
+    }
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(
+        ctx.client.clone(),
+        meta.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    let Some(claim) = api.get_opt(&meta.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    // Decided again on what was just read: the claim may have moved on since the event.
+    if claim::has_volume(&claim) {
+        return Ok(Action::await_change());
+    }
+    match claim::disposition(&claim.metadata, &ctx.node, &ctx.names) {
         Disposition::Mine => {}
         Disposition::AwaitingNode => {
             warn_if_immediate(&claim, &ctx).await?;
@@ -225,7 +246,7 @@ async fn provision(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Outco
     };
     let plan = Plan {
         node: ctx.node.clone(),
-        provisioner: claim::requested_provisioner(claim)
+        provisioner: claim::requested_provisioner(&claim.metadata)
             .unwrap_or_default()
             .to_string(),
         base_path: base,

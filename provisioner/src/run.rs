@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
@@ -19,7 +19,8 @@ use crate::cli::Args;
 use crate::config::{Config, Placement};
 use crate::context::{watch_config, Context, SharedConfig};
 use crate::metrics::Metrics;
-use crate::{disk, http, provision, reclaim, sweep, Error, Result};
+use crate::provision::ClaimMeta;
+use crate::{claim, disk, http, provision, reclaim, sweep, Error, Result};
 
 pub async fn run(args: Args, client: Client) -> Result<()> {
     let config = match &args.config {
@@ -61,9 +62,17 @@ pub async fn run(args: Args, client: Client) -> Result<()> {
         metrics.clone(),
     ));
 
+    // Claim metadata only (the spec is fetched for a claim that may be ours), and of that
+    // only our provisioner's claims kept: memory follows our claims, not the cluster's.
+    // No field or label selector can say "ours" to the apiserver, so that part is here.
+    // The initial list is paged (watcher::Config's default, 500 a page).
+    let names = ctx.names.clone();
     let claims = slim_controller(
-        Api::<PersistentVolumeClaim>::all(client.clone()),
-        watcher::Config::default(),
+        watcher(
+            Api::<ClaimMeta>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .try_filter_map(move |event| futures::future::ready(Ok(only_ours(event, &names)))),
     );
     let claims_store = claims.store();
     let claims = claims
@@ -71,10 +80,10 @@ pub async fn run(args: Args, client: Client) -> Result<()> {
         .for_each(|_| futures::future::ready(()));
 
     let selector = format!("{NODE_LABEL}={}", args.node_name);
-    let volumes = slim_controller(
+    let volumes = slim_controller(watcher(
         Api::<PersistentVolume>::all(client.clone()),
         watcher::Config::default().labels(&selector),
-    );
+    ));
     let volumes_store = volumes.store();
     let volumes = volumes
         .run(reclaim::reconcile, error_policy, ctx.clone())
@@ -87,7 +96,7 @@ pub async fn run(args: Args, client: Client) -> Result<()> {
             let _ = classes.wait_until_ready().await;
             let _ = claims_store.wait_until_ready().await;
             let _ = volumes_store.wait_until_ready().await;
-            match sweep::sweep(&ctx).await {
+            match sweep::sweep(&ctx, &claims_store).await {
                 Ok(s) => tracing::info!(removed = s.removed, kept = s.kept, "start-up sweep done"),
                 Err(e) => tracing::warn!(error = %e, "start-up sweep failed; continuing"),
             }
@@ -166,9 +175,10 @@ async fn disk_gauges(ctx: Arc<Context>) {
 }
 
 /// A controller whose cache keeps objects without their managedFields and last-applied
-/// copies, which nothing here reads and which make up much of a claim's size: an agent's
-/// memory then grows by about half as much per claim in the cluster.
-fn slim_controller<K>(api: Api<K>, config: watcher::Config) -> Controller<K>
+/// copies, which nothing here reads and which make up much of an object's size.
+fn slim_controller<K>(
+    events: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+) -> Controller<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -179,8 +189,22 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, config).modify(slim)).applied_objects();
+    let stream = reflector(writer, events.modify(slim)).applied_objects();
     Controller::for_stream(stream, reader).shutdown_on_signal()
+}
+
+/// Passes on only our provisioner's claims. One that stops being ours is passed
+/// on as deleted, so that it leaves the cache.
+fn only_ours(
+    event: watcher::Event<ClaimMeta>,
+    names: &[String],
+) -> Option<watcher::Event<ClaimMeta>> {
+    use watcher::Event::{Apply, Delete, InitApply};
+    match event {
+        Apply(c) if !claim::is_ours(&c.metadata, names) => Some(Delete(c)),
+        InitApply(c) if !claim::is_ours(&c.metadata, names) => None,
+        other => Some(other),
+    }
 }
 
 fn slim<K: Resource>(object: &mut K) {
@@ -193,6 +217,7 @@ fn slim<K: Resource>(object: &mut K) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 
     #[test]
     fn slim_drops_only_what_nothing_reads() {
@@ -218,5 +243,40 @@ mod tests {
             claim.spec.unwrap().storage_class_name.as_deref(),
             Some("local-path")
         );
+    }
+
+    #[test]
+    fn only_our_claims_reach_the_cache() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let names = vec!["localship.io/local-path".to_string()];
+        let meta = |provisioner: &str| -> ClaimMeta {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "meta.k8s.io/v1",
+                "kind": "PartialObjectMetadata",
+                "metadata": {
+                    "name": "data",
+                    "namespace": "n",
+                    "annotations": { "volume.kubernetes.io/storage-provisioner": provisioner }
+                }
+            }))
+            .unwrap()
+        };
+        let (ours, theirs) = (meta("localship.io/local-path"), meta("example.com/other"));
+        assert!(matches!(
+            only_ours(InitApply(ours.clone()), &names),
+            Some(InitApply(_))
+        ));
+        assert!(only_ours(InitApply(theirs.clone()), &names).is_none());
+        assert!(matches!(
+            only_ours(Apply(ours.clone()), &names),
+            Some(Apply(_))
+        ));
+        assert!(matches!(
+            only_ours(Apply(theirs.clone()), &names),
+            Some(Delete(_))
+        ));
+        assert!(matches!(only_ours(Delete(theirs), &names), Some(Delete(_))));
+        assert!(matches!(only_ours(Init, &names), Some(Init)));
+        assert!(matches!(only_ours(InitDone, &names), Some(InitDone)));
     }
 }

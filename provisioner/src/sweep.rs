@@ -7,12 +7,14 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, ListParams};
+use kube::runtime::reflector::Store;
 use kube::ResourceExt;
 
 use crate::annotations::{HOST_PATH, NODE_LABEL};
 use crate::context::Context;
+use crate::provision::ClaimMeta;
 use crate::Result;
 
 /// Counts of what the sweep did.
@@ -22,9 +24,12 @@ pub struct Swept {
     pub kept: usize,
 }
 
-pub async fn sweep(ctx: &Context) -> Result<Swept> {
+/// `claims` is the synced claim cache: reading it rather than listing every claim in the
+/// cluster keeps the start-up peak to our own claims.
+pub async fn sweep(ctx: &Context, claims: &Store<ClaimMeta>) -> Result<Swept> {
     // Directories first, then PVs and claims: a directory made while the sweep runs is
-    // then either not seen or has a claim that the later list includes. The other order
+    // then either not seen or has a claim that the later read includes (a claim is in
+    // the cache before it is reconciled). The other order
     // could take a volume being provisioned right now for an orphan.
     let mut candidates = Vec::new();
     for base in ctx.config.get().all_paths(&ctx.node) {
@@ -56,11 +61,10 @@ pub async fn sweep(ctx: &Context) -> Result<Swept> {
         .into_iter()
         .filter_map(|pv| pv.annotations().get(HOST_PATH).map(PathBuf::from))
         .collect();
-    let claims: Api<PersistentVolumeClaim> = Api::all(ctx.client.clone());
+    // Only our provisioner's claims are cached, and only those can have a directory here.
     let pending: HashSet<String> = claims
-        .list(&ListParams::default())
-        .await?
-        .into_iter()
+        .state()
+        .iter()
         .filter_map(|c| c.uid().map(|u| format!("pvc-{u}")))
         .collect();
     let mut swept = Swept::default();

@@ -215,7 +215,7 @@ async fn the_chart_renders_what_kustomize_installs_and_the_apiserver_admits_it()
     assert!(args.contains(&"--config=/etc/localship/config.json"));
     assert!(!args.contains(&"--serve-rancher"), "{args:?}");
     assert_eq!(provisioner["resources"]["requests"]["memory"], "32Mi");
-    assert_eq!(provisioner["resources"]["limits"]["memory"], "128Mi");
+    assert_eq!(provisioner["resources"]["limits"]["memory"], "64Mi");
     assert!(container(&objects, "logshipper").is_err());
     assert_eq!(
         provisioner["image"], "ghcr.io/localship/localship:0.1.0",

@@ -17,6 +17,7 @@ pub struct ProvisionerAgent {
     pub node: String,
     dir: PathBuf,
     kubeconfig: PathBuf,
+    bin: PathBuf,
     args: Vec<String>,
     port: u16,
     process: Option<Process>,
@@ -47,6 +48,21 @@ impl ProvisionerAgent {
         kubeconfig: &Path,
     ) -> Result<Self> {
         let _ = cp;
+        let bin = localship_bin("localship-provisioner")?;
+        let agent = Self::launch(node, provisioner, extra, kubeconfig, &bin)?;
+        agent.wait_ready().await?;
+        Ok(agent)
+    }
+
+    /// An agent running `bin` (another build of it, for a before/after bench),
+    /// started without waiting until it is ready: see [`is_ready`](Self::is_ready).
+    pub fn launch(
+        node: &str,
+        provisioner: &str,
+        extra: &[String],
+        kubeconfig: &Path,
+        bin: &Path,
+    ) -> Result<Self> {
         let dir = crate::scratch_dir(&format!("agent-{node}"))?;
         let port = free_port();
         let mut args = vec![
@@ -65,11 +81,12 @@ impl ProvisionerAgent {
             node: node.to_string(),
             dir,
             kubeconfig: kubeconfig.to_path_buf(),
+            bin: bin.to_path_buf(),
             args,
             port,
             process: None,
         };
-        agent.restart().await?;
+        agent.spawn()?;
         Ok(agent)
     }
 
@@ -102,8 +119,30 @@ impl ProvisionerAgent {
         }
     }
 
+    /// Whether /readyz answers 200.
+    pub fn is_ready(&self) -> bool {
+        http_get(self.port, "/readyz").is_ok_and(|(code, _)| code == 200)
+    }
+
     /// Starts the agent (again) and waits for /readyz.
     pub async fn restart(&mut self) -> Result<()> {
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        let log = self.dir.join(format!("provisioner-{}.log", self.node));
+        wait_for(
+            &format!("provisioner on {} to be ready", self.node),
+            Duration::from_secs(30),
+            || async { Ok(self.is_ready().then_some(())) },
+        )
+        .await
+        .with_context(|| format!("agent log tail:\n{}", crate::process::log_tail(&log, 30)))
+    }
+
+    /// Starts the agent (again), killing a running one first.
+    fn spawn(&mut self) -> Result<()> {
         self.kill();
         let envs = vec![
             (
@@ -114,26 +153,13 @@ impl ProvisionerAgent {
         ];
         let process = Process::spawn(
             &format!("provisioner-{}", self.node),
-            &localship_bin("localship-provisioner")?,
+            &self.bin,
             &self.args,
             &envs,
             &self.dir,
         )?;
         self.process = Some(process);
-        let port = self.port;
-        let log = self.dir.join(format!("provisioner-{}.log", self.node));
-        wait_for(
-            &format!("provisioner on {} to be ready", self.node),
-            Duration::from_secs(30),
-            || async move {
-                Ok(http_get(port, "/readyz")
-                    .ok()
-                    .filter(|(code, _)| *code == 200)
-                    .map(|_| ()))
-            },
-        )
-        .await
-        .with_context(|| format!("agent log tail:\n{}", crate::process::log_tail(&log, 30)))
+        Ok(())
     }
 
     /// The agent's /metrics text.
