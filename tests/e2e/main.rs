@@ -10,6 +10,7 @@ mod dashboard;
 mod deploy;
 mod helm;
 mod logshipper;
+mod node_cleanup;
 mod provisioner;
 mod shipper_volumes;
 mod smoke;

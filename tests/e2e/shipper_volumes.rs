@@ -230,3 +230,70 @@ async fn a_deleted_volume_keeps_its_directory_until_its_logs_are_shipped() -> Re
         .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_deleted_before_the_shipper_saw_it_is_still_shipped() -> Result<()> {
+    let cp = control_plane()?;
+    let client = cp.client().await?;
+    let ns = cp.namespace("ship-early").await?;
+    let minio = Minio::start().await?;
+    minio.create_bucket("airflow").await?;
+    let _agent = ProvisionerAgent::start(cp, "node-b", &provisioner_name(&ns), &[]).await?;
+    let class = format!("{ns}-logs");
+    storage_class(&client, &class, &provisioner_name(&ns), "Delete", "").await?;
+    let opted = format!("{{ {OPT_IN}: \"{DEST}\" }}");
+    let elsewhere = format!("{{ {OPT_IN}: \"s3://another/place\" }}");
+    claim_with_pod_annotated(&client, &ns, "early", &class, "node-b", &opted).await?;
+    claim_with_pod_annotated(&client, &ns, "elsewhere", &class, "node-b", &elsewhere).await?;
+    let early = wait_bound(&client, &ns, "early").await?;
+    let other = wait_bound(&client, &ns, "elsewhere").await?;
+    // No shipper runs on the node yet: the provisioner made both PVs held for it, with
+    // what their claims asked recorded on them.
+    for pv in [&early, &other] {
+        ensure!(
+            pv.finalizers().iter().any(|f| f == SHIP_LOGS),
+            "{}: {:?}",
+            pv.name_any(),
+            pv.finalizers()
+        );
+        ensure!(
+            pv.annotations().contains_key(OPT_IN),
+            "{:?}",
+            pv.annotations()
+        );
+    }
+    let dir = PathBuf::from(host_path(&early));
+    let log = format!("{RUN}/task_id=quick/attempt=1.log");
+    write(&dir, &log, b"[2024-01-01] quick: done\n")?;
+
+    // The claims go before any shipper saw them: the volumes wait.
+    delete_claim_and_pod(&client, &ns, "early").await?;
+    delete_claim_and_pod(&client, &ns, "elsewhere").await?;
+    let pvs = Api::<PersistentVolume>::all(client.clone());
+    wait_for("the held PV to be deleted", BIND_TIMEOUT, || async {
+        let pv = pvs.get(&early.name_any()).await?;
+        Ok(pv.metadata.deletion_timestamp.map(|_| ()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        dir.is_dir(),
+        "the directory went before its logs were shipped"
+    );
+
+    // The shipper starts: it ships what the claim asked for, from the PV's record, and
+    // lets go of the volume that asked for another destination.
+    let mut shipper = ShipperAgent::kubernetes(cp, "node-b", &minio, DEST, &[]).await?;
+    shipper.start().await?;
+    for pv in [&early, &other] {
+        wait_pv_gone(&client, &pv.name_any())
+            .await
+            .with_context(|| format!("shipper log tail:\n{}", shipper.log_tail(30)))?;
+    }
+    assert_eq!(
+        object(&minio, &log).await?.as_deref(),
+        Some(&b"[2024-01-01] quick: done\n"[..])
+    );
+    shipper.check_running()?;
+    Ok(())
+}
