@@ -297,3 +297,70 @@ async fn a_volume_deleted_before_the_shipper_saw_it_is_still_shipped() -> Result
     shipper.check_running()?;
     Ok(())
 }
+
+/// The README's commands that release volumes still held when shipping is turned off.
+fn readme_release_command() -> Result<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let after = readme
+        .split_once("<!-- release-held-volumes -->\n```sh\n")
+        .context("README: no release-held-volumes block")?
+        .1;
+    Ok(after
+        .split_once("```")
+        .context("README: unterminated block")?
+        .0
+        .to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_release_lets_go_of_volumes_held_when_shipping_is_off() -> Result<()> {
+    let cp = control_plane()?;
+    let client = cp.client().await?;
+    let ns = cp.namespace("ship-off").await?;
+    // A node of this test's own, so the release touches no other test's volumes.
+    let node = format!("{ns}-node");
+    cp.register_node(&node, serde_json::json!({}), serde_json::json!(null))
+        .await?;
+    let _agent = ProvisionerAgent::start(cp, &node, &provisioner_name(&ns), &[]).await?;
+    let class = format!("{ns}-logs");
+    storage_class(&client, &class, &provisioner_name(&ns), "Delete", "").await?;
+    let opted = format!("{{ {OPT_IN}: \"{DEST}\" }}");
+    claim_with_pod_annotated(&client, &ns, "held", &class, &node, &opted).await?;
+    let pv = wait_bound(&client, &ns, "held").await?;
+    ensure!(
+        pv.finalizers().iter().any(|f| f == SHIP_LOGS),
+        "{:?}",
+        pv.finalizers()
+    );
+    let dir = PathBuf::from(host_path(&pv));
+    delete_claim_and_pod(&client, &ns, "held").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(dir.is_dir(), "removed while held");
+
+    let command = readme_release_command()?.replace(
+        "-l localship.io/node ",
+        &format!("-l localship.io/node={node} "),
+    );
+    let kubectl = localship_tests::servers::server_bin("kubectl")?;
+    let path = format!(
+        "{}:{}",
+        kubectl.parent().context("kubectl's directory")?.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &command])
+        .env("PATH", path)
+        .env("KUBECONFIG", cp.admin_kubeconfig())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_pv_gone(&client, &pv.name_any()).await?;
+    wait_for("the directory to be removed", BIND_TIMEOUT, || async {
+        Ok((!dir.exists()).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
