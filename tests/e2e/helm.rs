@@ -11,7 +11,8 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::ResourceExt;
 use localship_tests::{apply_yaml, authority, control_plane, wait_for, ProvisionerAgent};
 use serde_json::Value;
 
@@ -527,10 +528,41 @@ async fn airflow_claims_without_a_class_bind_through_the_charts_default_class() 
     pods.delete_collection(&now, &ListParams::default()).await?;
     pvcs.delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
-    for (pv, path) in &volumes {
+    // The worker's claim asks for shipping, so its PV was made held for the log shipper,
+    // which this install lacks: it stays, directory and all, until released by hand (as
+    // README "Turning shipping off" does). The others go at once.
+    let pv_api = Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(client.clone());
+    let worker_pv = &volumes[0].0;
+    for (pv, path) in &volumes[1..] {
         wait_pv_gone(&client, pv).await?;
         assert!(!path.exists(), "{} left behind", path.display());
     }
+    let held = pv_api.get(worker_pv).await?;
+    assert!(held.metadata.deletion_timestamp.is_some());
+    assert!(
+        held.finalizers()
+            .iter()
+            .any(|f| f == "localship.io/ship-logs"),
+        "{:?}",
+        held.finalizers()
+    );
+    assert!(volumes[0].1.is_dir(), "removed while held for the shipper");
+    let released: Vec<&String> = held
+        .finalizers()
+        .iter()
+        .filter(|f| *f != "localship.io/ship-logs")
+        .collect();
+    let patch = serde_json::json!({ "metadata": {
+        "resourceVersion": held.metadata.resource_version, "finalizers": released } });
+    pv_api
+        .patch(worker_pv, &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    wait_pv_gone(&client, worker_pv).await?;
+    assert!(
+        !volumes[0].1.exists(),
+        "{} left behind",
+        volumes[0].1.display()
+    );
 
     // Leave no default class or cluster-wide grant behind.
     let classes = Api::<StorageClass>::all(client.clone());

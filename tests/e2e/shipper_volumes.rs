@@ -48,6 +48,7 @@ kind: Pod
 metadata: {{ name: {pod} }}
 spec:
   nodeSelector: {{ kubernetes.io/hostname: {node} }}
+  {TOLERATE_TEST_NODES}
   containers: [{{ name: main, image: busybox }}]
   volumes: [{{ name: logs, persistentVolumeClaim: {{ claimName: {claim} }} }}]
 "#
@@ -319,7 +320,9 @@ async fn the_readmes_release_lets_go_of_volumes_held_when_shipping_is_off() -> R
     let ns = cp.namespace("ship-off").await?;
     // A node of this test's own, so the release touches no other test's volumes.
     let node = format!("{ns}-node");
-    cp.register_node(&node, serde_json::json!({}), serde_json::json!(null))
+    let taint =
+        serde_json::json!([{ "key": TEST_NODE_TAINT, "value": ns, "effect": "NoSchedule" }]);
+    cp.register_node(&node, serde_json::json!({}), taint)
         .await?;
     let _agent = ProvisionerAgent::start(cp, &node, &provisioner_name(&ns), &[]).await?;
     let class = format!("{ns}-logs");

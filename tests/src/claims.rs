@@ -62,6 +62,12 @@ parameters: {{ {parameters} }}
     Ok(())
 }
 
+/// The taint a test puts on a node it registers for itself, so that no other test's pods
+/// land there, and the toleration its own pinned pods carry.
+pub const TEST_NODE_TAINT: &str = "localship.io/test";
+pub const TOLERATE_TEST_NODES: &str =
+    "tolerations: [{ key: localship.io/test, operator: Exists, effect: NoSchedule }]";
+
 /// A claim and a pod that mounts it, optionally pinned to `node`.
 pub async fn claim_with_pod(
     client: &Client,
@@ -74,8 +80,12 @@ pub async fn claim_with_pod(
     let class_line = class
         .map(|c| format!("storageClassName: {c}"))
         .unwrap_or_default();
+    // A pod pinned to a node also tolerates the taint that keeps other tests' pods off
+    // nodes a test registers for itself.
     let selector = node
-        .map(|n| format!("nodeSelector: {{ kubernetes.io/hostname: {n} }}"))
+        .map(|n| {
+            format!("nodeSelector: {{ kubernetes.io/hostname: {n} }}\n  {TOLERATE_TEST_NODES}")
+        })
         .unwrap_or_default();
     let pod = pod_name(claim);
     let yaml = format!(
