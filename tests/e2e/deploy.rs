@@ -201,16 +201,8 @@ async fn deploy_applies_and_its_rbac_is_enough_for_the_agents() -> Result<()> {
 
     // The policy's base paths are this machine's scratch directories, where the agents
     // make volumes, as every other test's agents do.
-    let default_bases = "allowedBasePaths: /opt/local-path-provisioner";
-    assert!(manifests.contains(default_bases), "{manifests}");
-    let allowed = format!("allowedBasePaths: {}", authority::allowed_bases()?);
-    apply_yaml(
-        &client,
-        None,
-        &manifests.replace(default_bases, &allowed),
-        false,
-    )
-    .await?;
+    let manifests = authority::with_bases(&manifests, &authority::allowed_bases()?)?;
+    apply_yaml(&client, None, &manifests, false).await?;
     let class = classes.get("local-path").await?;
     assert_eq!(
         class.volume_binding_mode.as_deref(),

@@ -127,6 +127,17 @@ pub async fn killed_mid_burst(env: &mut Env) -> Result<()> {
     .await?;
     let left: Vec<&String> = dirs.iter().filter(|d| Path::new(d).exists()).collect();
     ensure!(left.is_empty(), "directories left: {left:?}");
+
+    // The next scenarios check that nothing restarted: they get a pod without the
+    // restart this one injected.
+    Api::<Pod>::namespaced(client.clone(), NAMESPACE)
+        .delete(&agent_name, &DeleteParams::default())
+        .await?;
+    wait_for("a fresh agent pod", POD_TIMEOUT, || async {
+        let pod = wait_agent_ready(&client, &["provisioner"]).await?;
+        Ok((pod.metadata.name.as_deref() != Some(agent_name.as_str())).then_some(()))
+    })
+    .await?;
     Ok(())
 }
 

@@ -33,29 +33,46 @@ fn repo_file(relative: &str) -> Result<String> {
 }
 
 /// The identities and policies `deploy/` installs (with the shipper's from the s3-shipping
-/// component), with the policy's `allowedBasePaths` set to `bases`; no workloads.
+/// component), with the policy's base paths set to `bases`; no workloads.
 pub fn manifests(bases: &str) -> Result<String> {
     let mut docs = Vec::new();
     for file in [
         "deploy/base/namespace.yaml",
         "deploy/base/rbac.yaml",
         "deploy/base/policy.yaml",
-        "deploy/base/config.yaml",
         "deploy/components/s3-shipping/logshipper.yaml",
     ] {
         for doc in serde_yaml::Deserializer::from_str(&repo_file(file)?) {
-            let mut value = serde_yaml::Value::deserialize(doc)?;
+            let value = serde_yaml::Value::deserialize(doc)?;
             let kind = value["kind"].as_str().unwrap_or_default().to_string();
-            match kind.as_str() {
-                "DaemonSet" | "Deployment" | "" => continue,
-                "ConfigMap" => {
-                    value["data"]["allowedBasePaths"] = bases.into();
-                }
-                _ => {}
+            if !matches!(kind.as_str(), "DaemonSet" | "Deployment" | "") {
+                docs.push(serde_yaml::to_string(&value)?);
             }
+        }
+    }
+    with_bases(&docs.join("---\n"), bases)
+}
+
+/// `yaml` with every admission policy's `bases` (the directories agents may make
+/// volumes under) set to `bases` alone.
+pub fn with_bases(yaml: &str, bases: &str) -> Result<String> {
+    let mut docs = Vec::new();
+    let mut set = false;
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let mut value = serde_yaml::Value::deserialize(doc)?;
+        if value["kind"] == "ValidatingAdmissionPolicy" {
+            if let Some(variables) = value["spec"]["variables"].as_sequence_mut() {
+                for variable in variables.iter_mut().filter(|v| v["name"] == "bases") {
+                    variable["expression"] = serde_json::json!([bases]).to_string().into();
+                    set = true;
+                }
+            }
+        }
+        if !value.is_null() {
             docs.push(serde_yaml::to_string(&value)?);
         }
     }
+    anyhow::ensure!(set, "no policy with base paths in the manifests");
     Ok(docs.join("---\n"))
 }
 

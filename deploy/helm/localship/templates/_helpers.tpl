@@ -53,3 +53,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s-s3" (include "localship.fullname" .) }}
 {{- end }}
 {{- end }}
+
+{{/* The base paths the admission policy allows, as a CEL list: policy.allowedBasePaths, else every base path of nodePathMap. */}}
+{{- define "localship.policyBases" -}}
+{{- $bases := .Values.policy.allowedBasePaths | default (include "localship.basePaths" . | fromJsonArray) }}
+{{- toJson $bases }}
+{{- end }}
