@@ -62,6 +62,24 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", env = "LOCALSHIP_SETTLE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
 
+    /// Whether Airflow's own remote logging uploads these logs to the same bucket too (it
+    /// does when `remote_logging` is on, as docs/airflow.md sets it up). `on`: a log that may
+    /// still grow goes under a side key of ours, `<key>.localship-part-<writer>`, which
+    /// Airflow's reader shows and its upload never appends to; the side key is removed once
+    /// Airflow's own object holds the log, and the log's own key is written only once the
+    /// log is final (--final-after, or its volume is being deleted). So no line is ever shown
+    /// twice. `off`: localship is the only writer and ships straight to the log's key.
+    /// S3 destinations only.
+    #[arg(long, value_enum, value_name = "ON|OFF", env = "LOCALSHIP_AIRFLOW_REMOTE_LOGGING", default_value = "on")]
+    pub airflow_remote_logging: Toggle,
+
+    /// With --airflow-remote-logging on: a log unchanged this long is final, and localship
+    /// writes its key itself if Airflow's upload never came (a killed worker). Longer than
+    /// any quiet spell of a running task, or Airflow's final upload repeats what was written;
+    /// localship then rewrites the key without the repeat when it sees the log again.
+    #[arg(long, value_name = "DURATION", env = "LOCALSHIP_FINAL_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub final_after: Duration,
+
     /// How often every source is walked again, to catch what file events missed; also how
     /// often --delete-after looks for files to remove.
     #[arg(long, value_name = "DURATION", env = "LOCALSHIP_RESCAN", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -166,12 +184,32 @@ pub struct Args {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
 }
 
 impl Args {
+    /// How to ship beside Airflow's own uploads, when they happen (S3 destinations only).
+    pub fn alongside(&self) -> Option<crate::ship::Alongside> {
+        let s3 = matches!(self.dest, DestinationUrl::S3 { .. });
+        if !s3 || self.airflow_remote_logging == Toggle::Off {
+            return None;
+        }
+        let host = self.node_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        Some(crate::ship::Alongside { host })
+    }
+
     /// Checks what clap cannot: the combinations.
     pub fn validate(&self) -> Result<()> {
         if self.upload_concurrency == 0 {

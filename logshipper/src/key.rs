@@ -10,6 +10,13 @@ use std::path::{Component, Path};
 /// its own key (see `coexist`).
 const CONFLICT_MARK: &str = ".localship-conflict-";
 
+/// Suffix of the side key a log that may still grow goes to beside Airflow's own uploads
+/// (see `alongside`), followed by the writer's id.
+const SIDE_MARK: &str = ".localship-part-";
+
+/// Hex digits of a writer's id in a side key.
+const WRITER_DIGITS: usize = 12;
+
 /// Hex digits of the file's SHA-256 in a conflict key: enough that two versions never collide.
 const CONFLICT_SHA_DIGITS: usize = 16;
 
@@ -104,6 +111,28 @@ pub fn conflict_key(key: &str, sha256_hex: &str) -> String {
     format!("{key}{CONFLICT_MARK}{digits}")
 }
 
+/// The side key of one writer's part of a log: a sibling that starts with the log's key, so
+/// Airflow's reader shows it, and is distinct per writer, so workers never overwrite each
+/// other's parts.
+pub fn side_key(key: &str, writer: &str) -> String {
+    format!("{key}{SIDE_MARK}{writer}")
+}
+
+/// Whether `key` is a side key rather than a log's own (or conflict) key.
+pub fn is_side_key(key: &str) -> bool {
+    key.rsplit_once(SIDE_MARK).is_some_and(|(_, writer)| {
+        writer.len() == WRITER_DIGITS && writer.bytes().all(|b| b.is_ascii_hexdigit())
+    })
+}
+
+/// A writer's id: the same for one source on one host across restarts, different between
+/// hosts and between sources (two workers' volumes), so their side keys never meet.
+pub fn writer_id(host: &str, source: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{host}\0{source}"));
+    hex::encode(digest)[..WRITER_DIGITS].to_owned()
+}
+
 /// Tells task, triggerer, scheduler and dag-processor logs apart.
 pub fn log_kind(relative: &str) -> LogKind {
     let first = relative.split('/').next().unwrap_or_default();
@@ -133,6 +162,19 @@ pub fn log_kind(relative: &str) -> LogKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn side_keys_start_with_the_logs_key_and_differ_per_writer() {
+        let key = "logs/dag_id=a/run_id=r/task_id=t/attempt=1.log";
+        let (one, two) = (writer_id("node-a", "/v/1"), writer_id("node-b", "/v/1"));
+        assert_ne!(one, two);
+        assert_eq!(one, writer_id("node-a", "/v/1"));
+        assert_ne!(one, writer_id("node-a", "/v/2"));
+        let side = side_key(key, &one);
+        assert!(side.starts_with(key) && is_side_key(&side), "{side}");
+        assert!(!is_side_key(key));
+        assert!(!is_side_key(&conflict_key(key, &"ab".repeat(32))));
+    }
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
     use std::path::PathBuf;

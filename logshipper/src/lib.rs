@@ -9,6 +9,7 @@
 //! volumes into sources and holds each deleted one until its logs are shipped.
 
 pub mod cli;
+pub mod alongside;
 pub mod coexist;
 pub mod destination;
 pub mod discover;
@@ -174,10 +175,12 @@ pub async fn run_with<D: Destination>(
         None => None,
     };
 
+    let alongside = args.alongside();
     let ctx = Arc::new(Context {
         destination,
         recorder: ledger.recorder(),
         ledger,
+        alongside,
     });
     let (ok_tx, ok_rx) = watch::channel(false);
     let recheck = Arc::new(Notify::new());
@@ -195,6 +198,7 @@ pub async fn run_with<D: Destination>(
     tracing::info!(
         destination = ctx.destination.id(),
         once = args.once,
+        beside_airflow = ctx.alongside.is_some(),
         "starting"
     );
 
@@ -232,6 +236,7 @@ pub async fn run_with<D: Destination>(
         workers: args.upload_concurrency,
         delete_after: args.delete_after,
         sweep_every: args.rescan,
+        final_after: args.final_after,
         initial_sources: sources.as_ref().map_or(0, Sources::len),
         max_tracked: pipeline::MAX_TRACKED,
     };

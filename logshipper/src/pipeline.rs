@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::destination::Destination;
 use crate::discover::{Event, Source};
-use crate::key::log_kind;
+use crate::key::{is_side_key, log_kind};
 use crate::local_file::FileStat;
 use crate::metrics::Metrics;
 use crate::report::{progress_line, Summary};
@@ -43,6 +43,12 @@ const ONCE_ATTEMPTS: u32 = 4;
 /// again, so a dying connection does not spin the loop before the check catches up.
 const UNREACHABLE_PAUSE: Duration = Duration::from_secs(1);
 
+/// A log shipped under its side key is looked at again this soon, then at doubling
+/// intervals up to the cap, so Airflow's own upload is noticed (and the side key removed)
+/// within seconds, until the log is final.
+const REVISIT_FIRST: Duration = Duration::from_secs(1);
+const REVISIT_CAP: Duration = Duration::from_secs(30);
+
 const BACKLOG_EVERY: Duration = Duration::from_secs(2);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -62,6 +68,9 @@ pub struct Settings {
     pub sweep_every: Duration,
     /// Sources whose first walk must finish before `--once` can end or the daemon is ready.
     pub initial_sources: usize,
+    /// Beside Airflow's uploads: a log quiet this long is final, and its canonical key is
+    /// written (see `alongside`).
+    pub final_after: Duration,
     /// Files followed at once (found and not shipped yet). At this many, discovery waits:
     /// the rest of a large backlog stays on disk, not in memory, until some of it ships.
     pub max_tracked: usize,
@@ -85,6 +94,14 @@ struct Entry {
 }
 
 type Finished = (FileId, crate::Result<Outcome>, Duration);
+
+/// A log shipped under its side key, waiting to be looked at again.
+struct Provisional {
+    source: Arc<Source>,
+    obs: Observation,
+    next_at: Instant,
+    interval: Duration,
+}
 
 pub struct Pipeline<D> {
     ctx: Arc<Context<D>>,
@@ -112,6 +129,9 @@ pub struct Pipeline<D> {
     started: Instant,
     force_at: Option<Instant>,
     drains: Drains,
+    /// Logs shipped under their side keys, and when each is looked at again.
+    provisional: HashMap<FileId, Provisional>,
+    revisits: BinaryHeap<Reverse<(Instant, FileId)>>,
 }
 
 impl<D: Destination> Pipeline<D> {
@@ -145,6 +165,8 @@ impl<D: Destination> Pipeline<D> {
             ready,
             started,
             drains: Drains::default(),
+            provisional: HashMap::new(),
+            revisits: BinaryHeap::new(),
         }
     }
 
@@ -168,6 +190,7 @@ impl<D: Destination> Pipeline<D> {
         let sweeping = self.settings.delete_after.is_some() && !self.settings.once;
         let mut sweeper: Option<tokio::task::JoinHandle<u64>> = None;
         loop {
+            self.revisit_due();
             self.dispatch();
             let entries = &self.entries;
             self.drains
@@ -255,6 +278,12 @@ impl<D: Destination> Pipeline<D> {
                 if self.entries.get(&id).is_some_and(|e| !e.in_flight) {
                     self.entries.remove(&id);
                 }
+                // Its side key goes if Airflow's object now holds it (see `ship::gone`).
+                if let Some(provisional) = self.provisional.remove(&id) {
+                    if !self.entries.contains_key(&id) {
+                        self.follow(id, provisional.source, provisional.obs, true);
+                    }
+                }
             }
             Event::Skipped { reason, .. } => {
                 self.metrics
@@ -285,6 +314,7 @@ impl<D: Destination> Pipeline<D> {
                 self.sources.remove(&source.id);
                 self.entries
                     .retain(|(id, _), e| *id != source.id || e.in_flight);
+                self.provisional.retain(|(id, _), _| *id != source.id);
                 self.settled.remove_source(&source.id);
             }
         }
@@ -292,7 +322,9 @@ impl<D: Destination> Pipeline<D> {
 
     fn on_found(&mut self, source: Arc<Source>, relative: String, stat: FileStat) {
         let id = (source.id.clone(), relative);
-        if self.settled.is(&id.0, &id.1, stat) {
+        // A draining volume's logs under side keys are finished now.
+        let finish_now = source.draining && self.provisional.contains_key(&id);
+        if self.settled.is(&id.0, &id.1, stat) && !finish_now {
             return;
         }
         let shipped = self
@@ -316,7 +348,9 @@ impl<D: Destination> Pipeline<D> {
             return;
         }
         match self.ctx.ledger.get(&source.id, &id.1) {
-            Ok(Some(record)) if record.covers(stat, self.ctx.destination.id()) => {
+            Ok(Some(record))
+                if record.covers(stat, self.ctx.destination.id()) && !is_side_key(&record.key) =>
+            {
                 return self.unchanged(&id, stat);
             }
             Ok(_) => {}
@@ -327,10 +361,16 @@ impl<D: Destination> Pipeline<D> {
         self.sources
             .entry(source.id.clone())
             .or_insert_with(|| source.clone());
+        let drain = source.draining;
+        self.follow(id, source, Observation::first(stat, now, wall), drain);
+    }
+
+    /// Starts following a file.
+    fn follow(&mut self, id: FileId, source: Arc<Source>, obs: Observation, drain: bool) {
         let entry = Entry {
-            drain: source.draining,
+            drain,
             source,
-            obs: Observation::first(stat, now, wall),
+            obs,
             generation: 0,
             in_flight: false,
             attempts: 0,
@@ -338,6 +378,46 @@ impl<D: Destination> Pipeline<D> {
         };
         self.entries.insert(id.clone(), entry);
         self.schedule(&id);
+    }
+
+    /// Follows again the logs under side keys whose time to be looked at has come.
+    fn revisit_due(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, _))) = self.revisits.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, id))) = self.revisits.pop() else {
+                break;
+            };
+            let current = self.provisional.get(&id).is_some_and(|p| p.next_at == at);
+            if !current || self.entries.contains_key(&id) {
+                continue;
+            }
+            let provisional = &self.provisional[&id];
+            let (source, obs) = (provisional.source.clone(), provisional.obs);
+            self.follow(id, source, obs, false);
+        }
+    }
+
+    /// A log shipped under its side key is looked at again soon, and finished once final.
+    fn revisit_later(&mut self, id: &FileId, source: Arc<Source>, obs: Observation) {
+        let now = Instant::now();
+        let interval = self
+            .provisional
+            .get(id)
+            .filter(|p| p.obs.stat == obs.stat)
+            .map_or(REVISIT_FIRST, |p| (p.interval * 2).min(REVISIT_CAP));
+        let final_at = obs.settles_at(self.settings.final_after);
+        let next_at = (now + interval).min(final_at.max(now));
+        self.revisits.push(Reverse((next_at, id.clone())));
+        let provisional = Provisional {
+            source,
+            obs,
+            next_at,
+            interval,
+        };
+        self.provisional.insert(id.clone(), provisional);
     }
 
     /// A file found as the ledger says it was shipped.
@@ -354,7 +434,8 @@ impl<D: Destination> Pipeline<D> {
         self.loading.spawn_blocking(move || {
             let mut seen = Seen::new();
             let read = ledger.each(&source.id, |relative, record| {
-                if record.destination == destination {
+                // A log under its side key is not final: it is looked at again.
+                if record.destination == destination && !is_side_key(&record.key) {
                     seen.insert(&source.id, relative, record.stat);
                 }
             });
@@ -381,7 +462,9 @@ impl<D: Destination> Pipeline<D> {
         if !*self.destination_ok.borrow() || self.running.len() >= self.settings.workers {
             return None;
         }
-        self.due.peek().map(|Reverse((due, _, _))| *due)
+        let due = self.due.peek().map(|Reverse((due, _, _))| *due);
+        let revisit = self.revisits.peek().map(|Reverse((at, _))| *at);
+        due.into_iter().chain(revisit).min()
     }
 
     fn dispatch(&mut self) {
@@ -415,6 +498,7 @@ impl<D: Destination> Pipeline<D> {
                 source: entry.source.clone(),
                 relative: id.1.clone(),
                 expected: entry.obs.stat,
+                finished: entry.drain || entry.obs.is_settled(now, self.settings.final_after),
             };
             let ctx = self.ctx.clone();
             self.running.spawn(async move {
@@ -438,10 +522,14 @@ impl<D: Destination> Pipeline<D> {
                 self.count_shipped(&id.1, shipped.how, shipped.stat.size, elapsed);
                 tracing::info!(file = %file.display(), key = %shipped.key, how = ?shipped.how, bytes = shipped.stat.size, "shipped");
                 self.settled.insert(&id.0, &id.1, shipped.stat);
-                if unchanged_since {
-                    self.entries.remove(&id);
-                } else {
+                if !unchanged_since {
                     self.schedule(&id);
+                } else if let Some(entry) = self.entries.remove(&id) {
+                    if shipped.provisional() && !self.settings.once {
+                        self.revisit_later(&id, entry.source, entry.obs);
+                    } else {
+                        self.provisional.remove(&id);
+                    }
                 }
             }
             Ok(Outcome::Changed(stat)) => {
@@ -450,6 +538,7 @@ impl<D: Destination> Pipeline<D> {
             }
             Ok(Outcome::Gone) => {
                 self.entries.remove(&id);
+                self.provisional.remove(&id);
             }
             Ok(Outcome::Skipped(reason)) => {
                 tracing::warn!(file = %file.display(), reason = reason.label(), "not shipping this file");
@@ -495,7 +584,7 @@ impl<D: Destination> Pipeline<D> {
                 return;
             }
             How::AlreadyThere => self.summary.already_there += 1,
-            How::Uploaded | How::Replaced | How::Conflict => {
+            How::Uploaded | How::Replaced | How::Conflict | How::Side | How::Repaired => {
                 self.summary.shipped += 1;
                 self.summary.bytes += size;
                 self.metrics.bytes_shipped.inc_by(size);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::discover::Source;
+use crate::key::is_side_key;
 use crate::ledger::{Ledger, Record};
 use crate::local_file::{open_beneath, remove_beneath, sha256_prefix, FileStat, OpenError};
 use crate::{Error, Result};
@@ -28,7 +29,8 @@ pub fn expired(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64);
     let age = Duration::from_nanos(now_ns.saturating_sub(stat.mtime_ns).max(0) as u64);
-    record.covers(stat, destination) && age >= delete_after
+    // A log under its side key is not final yet: only a final one may go.
+    record.covers(stat, destination) && !is_side_key(&record.key) && age >= delete_after
 }
 
 /// What one sweep removed.

@@ -1,15 +1,23 @@
 //! Shipping one settled file: open it safely, hash it, compare with the ledger and with what
-//! the destination holds (see `coexist` for the rule), upload, verify, record durably.
+//! the destination holds, upload, verify, record durably. Beside Airflow's own uploads the
+//! rule is `alongside`'s; as the only writer, `coexist`'s.
 
 use std::fs::File;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
+use crate::alongside::{self, Decision, COMPARE_LIMIT};
 use crate::coexist::{self, prefix_check, Content, Plan, PrefixCheck, Relation};
-use crate::destination::{Destination, DestinationError, LocalContent, ObjectInfo, WhileHashing};
+use crate::destination::{
+    Destination, DestinationError, Fetched, LocalContent, ObjectInfo, Precondition, WhileHashing,
+};
 use crate::discover::{SkipReason, Source};
-use crate::key::object_key;
+use crate::key::{is_side_key, object_key, side_key, writer_id};
 use crate::ledger::{now_ms, Ledger, Record, Recorder};
-use crate::local_file::{hash_for_upload, open_beneath, sha256_prefix, FileStat, OpenError};
+use crate::local_file::{
+    hash_for_upload, open_beneath, read_at, sha256_prefix, FileStat, OpenError,
+};
 use crate::{Error, Result};
 
 /// What shipping needs, shared by all shipments.
@@ -17,7 +25,19 @@ pub struct Context<D> {
     pub destination: D,
     pub ledger: Ledger,
     pub recorder: Recorder,
+    /// Airflow's remote logging uploads these logs too: ship by `alongside`'s rule.
+    pub alongside: Option<Alongside>,
 }
+
+/// Shipping beside Airflow's own uploads.
+#[derive(Clone, Debug)]
+pub struct Alongside {
+    /// This host (the node, in Kubernetes), part of every side key's writer id.
+    pub host: String,
+}
+
+/// How often a write that lost a race with Airflow's own upload looks again.
+const RACE_ATTEMPTS: u32 = 4;
 
 /// A file to ship, as it looked when it settled.
 #[derive(Clone, Debug)]
@@ -25,6 +45,9 @@ pub struct Job {
     pub source: Arc<Source>,
     pub relative: String,
     pub expected: FileStat,
+    /// The log will not grow any more (quiet for `--final-after`, or its volume is going):
+    /// beside Airflow, its canonical key gets what it lacks.
+    pub finished: bool,
 }
 
 /// How a shipment ended, short of an error.
@@ -44,6 +67,13 @@ pub struct Shipped {
     pub how: How,
 }
 
+impl Shipped {
+    /// Written under a side key: visible, but to be finished once the log is final.
+    pub fn provisional(&self) -> bool {
+        self.how == How::Side || (self.how == How::Unchanged && is_side_key(&self.key))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum How {
     /// Written to a key that held nothing.
@@ -56,12 +86,19 @@ pub enum How {
     Conflict,
     /// Same bytes as the ledger's record (only the mtime moved); nothing asked of the destination.
     Unchanged,
+    /// What Airflow's object lacks, written under this writer's side key until the log is final.
+    Side,
+    /// Airflow's object held a repeated copy of the file's beginning, now written without it.
+    Repaired,
 }
 
 impl How {
     /// Whether bytes went over the wire.
     pub fn uploaded(self) -> bool {
-        matches!(self, How::Uploaded | How::Replaced | How::Conflict)
+        matches!(
+            self,
+            How::Uploaded | How::Replaced | How::Conflict | How::Side | How::Repaired
+        )
     }
 }
 
@@ -71,7 +108,7 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
     let opened = blocking(move || open_beneath(&root, &relative)).await;
     let (file, stat) = match opened {
         Ok(opened) => opened,
-        Err(OpenError::Gone) => return Ok(Outcome::Gone),
+        Err(OpenError::Gone) => return gone(ctx, job).await,
         Err(OpenError::Symlink) => return Ok(Outcome::Skipped(SkipReason::Symlink)),
         Err(OpenError::NotRegular) => return Ok(Outcome::Skipped(SkipReason::NotRegular)),
         Err(OpenError::Unreadable) => return Ok(Outcome::Skipped(SkipReason::Unreadable)),
@@ -90,7 +127,7 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
     // A large log never shipped before goes while it is hashed, where the store can.
     // `found` is what stood under the key if the store already looked.
     let mut found = None;
-    if previous.is_none() {
+    if previous.is_none() && ctx.alongside.is_none() {
         match dest
             .create_hashing(&key, file.clone(), path.clone(), stat.size)
             .await?
@@ -117,10 +154,11 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         Err(source) => return Err(Error::Read { path, source }),
     };
     let content = LocalContent::new(file, path, stat.size, sha256, extra);
-    if let Some(previous) = previous
-        .clone()
-        .filter(|r| r.sha256 == content.sha256 && r.stat.size == stat.size)
-    {
+    if let Some(previous) = previous.clone().filter(|r| {
+        r.sha256 == content.sha256
+            && r.stat.size == stat.size
+            && !(is_side_key(&r.key) && (job.finished || ctx.alongside.is_some()))
+    }) {
         let record = Record {
             stat,
             shipped_at_ms: now_ms(),
@@ -135,6 +173,12 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
             key,
             how: How::Unchanged,
         }));
+    }
+
+    if let Some(how) = &ctx.alongside {
+        if let Some(outcome) = ship_alongside(ctx, how, job, &content, stat, previous.as_ref()).await? {
+            return Ok(outcome);
+        }
     }
 
     // A log never shipped before most likely has no object yet: try to create it in one
@@ -192,6 +236,121 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         }
     };
     record(ctx, job, &content, stat, key, how, info).await
+}
+
+/// Ships by `alongside`'s rule; `None` when the log or the object is too large to compare,
+/// and the sole-writer rule applies.
+async fn ship_alongside<D: Destination>(
+    ctx: &Context<D>,
+    alongside: &Alongside,
+    job: &Job,
+    content: &LocalContent,
+    stat: FileStat,
+    previous: Option<&Record>,
+) -> Result<Option<Outcome>> {
+    if content.size > COMPARE_LIMIT {
+        return Ok(None);
+    }
+    let dest = &ctx.destination;
+    let key = object_key(dest.prefix(), &job.relative);
+    let side = side_key(&key, &writer_id(&alongside.host, &job.source.id));
+    let file = match &content.data {
+        Some(data) => data.clone(),
+        None => match whole(content).await? {
+            Some(data) => data,
+            None => return Ok(Some(Outcome::Changed(current_stat(&content.file).unwrap_or(stat)))),
+        },
+    };
+    // Only a side key we may have written needs removing: none for a log already final.
+    let side_written = previous.is_none_or(|r| r.key == side);
+    for _ in 0..RACE_ATTEMPTS {
+        let (info, object) = match dest.get(&key, COMPARE_LIMIT).await? {
+            None => (None, None),
+            Some(Fetched { data: None, .. }) => return Ok(None),
+            Some(Fetched {
+                info,
+                data: Some(data),
+            }) => (Some(info), Some(data)),
+        };
+        let when = info
+            .clone()
+            .map_or(Precondition::Absent, Precondition::Unchanged);
+        let (how, written) = match alongside::decide(object.as_deref(), &file) {
+            Decision::Covered => (How::AlreadyThere, info),
+            Decision::Repair(fixed) => {
+                tracing::info!(key, "the object repeats the log's beginning; writing it once");
+                let written = dest.put_bytes(&key, fixed.into(), when).await?;
+                (How::Repaired, written)
+            }
+            Decision::Remainder { covered, base } if job.finished => {
+                let done = alongside::finished(object.as_deref(), &file, covered, base.as_deref());
+                let how = if info.is_some() {
+                    How::Replaced
+                } else {
+                    How::Uploaded
+                };
+                (how, dest.put_bytes(&key, done.into(), when).await?)
+            }
+            Decision::Remainder { covered, .. } => {
+                let part = file.slice(covered..);
+                let info = dest.put_bytes(&side, part, Precondition::Always).await?;
+                let info = info.expect("an unconditional write writes");
+                let outcome = record(ctx, job, content, stat, side, How::Side, info).await?;
+                return Ok(Some(outcome));
+            }
+        };
+        // `None`: Airflow wrote the key since it was read; look again.
+        let Some(info) = written else { continue };
+        if side_written {
+            dest.delete(&side).await?;
+        }
+        return record(ctx, job, content, stat, key, how, info)
+            .await
+            .map(Some);
+    }
+    Err(DestinationError::Raced { key }.into())
+}
+
+/// A shipped file that is gone before it was final (Airflow's `delete_local_logs` removes a
+/// log's folder right after its own upload): its side key goes once Airflow's object holds
+/// what it held, and stays as the log's only copy otherwise.
+async fn gone<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome> {
+    let dest = &ctx.destination;
+    let previous = ctx.ledger.get(&job.source.id, &job.relative)?;
+    let Some(side) = previous
+        .map(|r| r.key)
+        .filter(|key| ctx.alongside.is_some() && is_side_key(key))
+    else {
+        return Ok(Outcome::Gone);
+    };
+    let key = object_key(dest.prefix(), &job.relative);
+    let (Some(object), Some(part)) = (
+        dest.get(&key, COMPARE_LIMIT).await?,
+        dest.get(&side, COMPARE_LIMIT).await?,
+    ) else {
+        return Ok(Outcome::Gone);
+    };
+    if let (Some(object), Some(part)) = (object.data, part.data) {
+        if alongside::holds(&object, &part) {
+            dest.delete(&side).await?;
+            ctx.ledger.remove(&job.source.id, &job.relative)?;
+            tracing::info!(key, "the log is gone and Airflow's object holds it; its side key is removed");
+        }
+    }
+    Ok(Outcome::Gone)
+}
+
+/// The content's bytes, read whole; `None` if they no longer hash as they did.
+async fn whole(content: &LocalContent) -> Result<Option<Bytes>> {
+    let (file, size) = (content.file.clone(), content.size as usize);
+    let read = blocking(move || read_at(&file, 0, size)).await;
+    let data = read.map_err(|source| Error::Read {
+        path: content.path.clone(),
+        source,
+    })?;
+    use sha2::{Digest, Sha256};
+    let same = hex::encode(Sha256::digest(&data)) == content.sha256;
+    Ok(same.then(|| Bytes::from(data)))
 }
 
 /// Commits the shipment to the ledger; it counts as shipped once this returns.
@@ -348,6 +507,7 @@ mod tests {
                 destination: FileDestination::new(&dir.path().join("out")).unwrap(),
                 recorder: ledger.recorder(),
                 ledger,
+                alongside: None,
             };
             let source = Arc::new(Source::new(&dir.path().join("logs")).unwrap());
             Self {
@@ -374,11 +534,36 @@ mod tests {
             std::fs::read(self.ctx.destination.root().join(key)).ok()
         }
 
+        /// Beside Airflow's uploads, as `--airflow-remote-logging on` ships.
+        fn alongside() -> Self {
+            let mut s = Self::new();
+            s.ctx.alongside = Some(Alongside {
+                host: "node-a".into(),
+            });
+            s
+        }
+
+        fn side(&self) -> String {
+            side_key(REL, &writer_id("node-a", &self.source.id))
+        }
+
         async fn ship(&self, expected: FileStat) -> Outcome {
+            self.ship_as(expected, false).await
+        }
+
+        async fn ship_final(&self, expected: FileStat) -> Shipped {
+            match self.ship_as(expected, true).await {
+                Outcome::Shipped(shipped) => shipped,
+                other => panic!("not shipped: {other:?}"),
+            }
+        }
+
+        async fn ship_as(&self, expected: FileStat, finished: bool) -> Outcome {
             let job = Job {
                 source: self.source.clone(),
                 relative: REL.into(),
                 expected,
+                finished,
             };
             let outcome = ship(&self.ctx, &job).await.unwrap();
             self.ctx.recorder.flush().await.unwrap();
@@ -496,6 +681,85 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", s.source.root.join(REL)).unwrap();
         assert_eq!(s.ship(stat).await, Outcome::Skipped(SkipReason::Symlink));
         assert_eq!(s.object(REL), None);
+    }
+
+    #[tokio::test]
+    async fn beside_airflow_a_growing_log_goes_to_its_side_key_and_the_key_is_left_alone() {
+        let s = Setup::alongside();
+        let stat = s.write_local(b"a1\n");
+        let shipped = s.shipped(stat).await;
+        assert_eq!((shipped.how, &shipped.key), (How::Side, &s.side()));
+        assert!(shipped.provisional());
+        assert_eq!(s.object(&s.side()).unwrap(), b"a1\n");
+        assert_eq!(s.object(REL), None, "the log's key is Airflow's until the log is final");
+        // Airflow uploaded the first part at a deferral; only the rest goes beside it.
+        s.write_object(REL, b"a1\n");
+        let stat = s.write_local(b"a1\nb1\n");
+        assert_eq!(s.shipped(stat).await.how, How::Side);
+        assert_eq!(s.object(&s.side()).unwrap(), b"b1\n");
+        assert_eq!(s.object(REL).unwrap(), b"a1\n");
+    }
+
+    #[tokio::test]
+    async fn beside_airflow_its_upload_of_the_whole_log_removes_the_side_key() {
+        let s = Setup::alongside();
+        let stat = s.write_local(b"a1\n");
+        s.shipped(stat).await;
+        let stat = s.write_local(b"a1\nb1\n");
+        // Airflow's upload at the end: nothing was under the key, so the file alone.
+        s.write_object(REL, b"a1\nb1\n");
+        let shipped = s.shipped(stat).await;
+        assert_eq!((shipped.how, shipped.key.as_str()), (How::AlreadyThere, REL));
+        assert!(!shipped.provisional());
+        assert_eq!(s.object(&s.side()), None);
+        assert_eq!(s.object(REL).unwrap(), b"a1\nb1\n");
+    }
+
+    #[tokio::test]
+    async fn beside_airflow_a_final_log_completes_its_key_and_drops_the_side_key() {
+        let s = Setup::alongside();
+        // Another worker's part is there (Airflow uploaded it at a deferral).
+        s.write_object(REL, b"w1\n");
+        let stat = s.write_local(b"w2\n");
+        assert_eq!(s.shipped(stat).await.how, How::Side);
+        let shipped = s.ship_final(stat).await;
+        assert_eq!((shipped.how, shipped.key.as_str()), (How::Replaced, REL));
+        assert_eq!(s.object(REL).unwrap(), b"w1\n\nw2\n");
+        assert_eq!(s.object(&s.side()), None);
+        // Seen again, final and unchanged: nothing more to do.
+        assert_eq!(s.ship_final(stat).await.how, How::Unchanged);
+    }
+
+    #[tokio::test]
+    async fn beside_airflow_a_repeat_of_the_logs_beginning_is_written_away() {
+        let s = Setup::alongside();
+        let stat = s.write_local(b"a1\n");
+        s.ship_final(stat).await;
+        assert_eq!(s.object(REL).unwrap(), b"a1\n");
+        // The task was only quiet: it went on, and Airflow appended the whole file.
+        let stat = s.write_local(b"a1\nb1\n");
+        s.write_object(REL, b"a1\n\na1\nb1\n");
+        assert_eq!(s.shipped(stat).await.how, How::Repaired);
+        assert_eq!(s.object(REL).unwrap(), b"a1\nb1\n");
+    }
+
+    #[tokio::test]
+    async fn beside_airflow_a_log_removed_after_airflows_upload_leaves_no_side_key() {
+        let s = Setup::alongside();
+        let stat = s.write_local(b"a1\n");
+        s.shipped(stat).await;
+        // `delete_local_logs`: Airflow uploads, then removes the folder.
+        s.write_object(REL, b"a1\nb1\n");
+        std::fs::remove_file(s.source.root.join(REL)).unwrap();
+        assert_eq!(s.ship(stat).await, Outcome::Gone);
+        assert_eq!(s.object(&s.side()), None);
+        // Removed before Airflow's upload held it: the side key is the log's copy, kept.
+        let s = Setup::alongside();
+        let stat = s.write_local(b"a1\n");
+        s.shipped(stat).await;
+        std::fs::remove_file(s.source.root.join(REL)).unwrap();
+        assert_eq!(s.ship(stat).await, Outcome::Gone);
+        assert_eq!(s.object(&s.side()).unwrap(), b"a1\n");
     }
 
     #[test]

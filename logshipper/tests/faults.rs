@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::Parser;
 use localship_logshipper::cli::Args;
 use localship_logshipper::destination::file::FileDestination;
-use localship_logshipper::destination::{Destination, DestinationError, LocalContent, ObjectInfo};
+use localship_logshipper::destination::{
+    Destination, DestinationError, Fetched, LocalContent, ObjectInfo, Precondition,
+};
 use localship_logshipper::run_with;
 use support::{files_under, Tree, MANUAL};
 use tokio::sync::watch;
@@ -88,6 +90,26 @@ impl Destination for Flaky {
             return Err(refused(key));
         }
         self.inner.put(key, content).await
+    }
+
+    async fn get(&self, key: &str, limit: u64) -> Result<Option<Fetched>, DestinationError> {
+        self.away()?;
+        self.inner.get(key, limit).await
+    }
+
+    async fn put_bytes(
+        &self,
+        key: &str,
+        data: bytes::Bytes,
+        when: Precondition,
+    ) -> Result<Option<ObjectInfo>, DestinationError> {
+        self.away()?;
+        self.inner.put_bytes(key, data, when).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), DestinationError> {
+        self.away()?;
+        self.inner.delete(key).await
     }
 }
 

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{Destination, DestinationError, LocalContent, ObjectInfo};
+use bytes::Bytes;
+
+use super::{Destination, DestinationError, Fetched, LocalContent, ObjectInfo, Precondition};
 use crate::local_file::{copy_prefix, sha256_prefix};
 
 /// Mode of shipped files: readable by whoever reads the archive.
@@ -112,11 +114,88 @@ impl Destination for FileDestination {
             path: self.path_of(key),
         })
     }
+
+    async fn get(&self, key: &str, limit: u64) -> Result<Option<Fetched>, DestinationError> {
+        let Some(info) = self.head(key).await? else {
+            return Ok(None);
+        };
+        let data = if info.size <= limit {
+            let path = self.path_of(key);
+            let data = blocking(&path.clone(), move || std::fs::read(&path)).await?;
+            // Changed since `head`: what was read is what the next check compares.
+            Some(Bytes::from(data))
+        } else {
+            None
+        };
+        let info = match &data {
+            Some(data) => ObjectInfo {
+                size: data.len() as u64,
+                sha256: Some(hex::encode(Sha256::digest(data))),
+                ..info
+            },
+            None => info,
+        };
+        Ok(Some(Fetched { info, data }))
+    }
+
+    async fn put_bytes(
+        &self,
+        key: &str,
+        data: Bytes,
+        when: Precondition,
+    ) -> Result<Option<ObjectInfo>, DestinationError> {
+        // One writer per directory archive: the check and the write are not one step here.
+        let current = self.head(key).await?;
+        let holds = match (&when, &current) {
+            (Precondition::Always, _) | (Precondition::Absent, None) => true,
+            (Precondition::Unchanged(read), Some(now)) => {
+                read.size == now.size && read.sha256 == now.sha256
+            }
+            _ => false,
+        };
+        if !holds {
+            return Ok(None);
+        }
+        let target = self.path_of(key);
+        let info = object_info(data.len() as u64, hex::encode(Sha256::digest(&data)));
+        blocking(&target.clone(), move || {
+            persist(&target, |tmp| tmp.write_all(&data).map(|()| true))
+        })
+        .await?;
+        Ok(Some(info))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), DestinationError> {
+        let path = self.path_of(key);
+        blocking(&path.clone(), move || match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await
+    }
 }
 
 /// Copies the content to `target` through a temporary file; `None` if the bytes read did not
 /// hash to the expected SHA-256 (the file changed under us).
 fn write_atomically(target: &Path, content: &LocalContent) -> io::Result<Option<ObjectInfo>> {
+    let written = persist(target, |tmp| match &content.data {
+        // These are the bytes that were hashed.
+        Some(data) => tmp.write_all(data).map(|()| true),
+        None => {
+            let mut hasher = Sha256::new();
+            copy_prefix(&content.file, content.size, |chunk| {
+                hasher.update(chunk);
+                tmp.write_all(chunk)
+            })?;
+            Ok(hex::encode(hasher.finalize()) == content.sha256)
+        }
+    })?;
+    Ok(written.then(|| object_info(content.size, content.sha256.clone())))
+}
+
+/// Writes a temporary file beside `target` with `fill`, then, if `fill` says the bytes are
+/// right, syncs it and renames it into place. Whether it did.
+fn persist(target: &Path, fill: impl FnOnce(&mut File) -> io::Result<bool>) -> io::Result<bool> {
     let dir = target.parent().expect("an object path has a parent");
     let name = target.file_name().expect("an object path has a name");
     std::fs::create_dir_all(dir)?;
@@ -124,32 +203,25 @@ fn write_atomically(target: &Path, content: &LocalContent) -> io::Result<Option<
         .prefix(&format!(".{}.", name.to_string_lossy()))
         .suffix(".localship-tmp")
         .tempfile_in(dir)?;
-    match &content.data {
-        // These are the bytes that were hashed.
-        Some(data) => tmp.write_all(data)?,
-        None => {
-            let mut hasher = Sha256::new();
-            copy_prefix(&content.file, content.size, |chunk| {
-                hasher.update(chunk);
-                tmp.write_all(chunk)
-            })?;
-            if hex::encode(hasher.finalize()) != content.sha256 {
-                return Ok(None);
-            }
-        }
+    if !fill(tmp.as_file_mut())? {
+        return Ok(false);
     }
     tmp.as_file()
         .set_permissions(Permissions::from_mode(OBJECT_MODE))?;
     tmp.as_file().sync_all()?;
     tmp.persist(target).map_err(|e| e.error)?;
     File::open(dir)?.sync_all()?;
-    Ok(Some(ObjectInfo {
-        size: content.size,
-        sha256: Some(content.sha256.clone()),
+    Ok(true)
+}
+
+fn object_info(size: u64, sha256: String) -> ObjectInfo {
+    ObjectInfo {
+        size,
+        sha256: Some(sha256),
         etag: None,
         version_id: None,
         confirmed: false,
-    }))
+    }
 }
 
 async fn blocking<T: Send + 'static>(

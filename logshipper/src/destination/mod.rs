@@ -30,6 +30,25 @@ pub struct ObjectInfo {
     pub confirmed: bool,
 }
 
+/// An object read back whole, or only described when it is larger than asked for.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub info: ObjectInfo,
+    /// `None` when the object is larger than the limit it was read with.
+    pub data: Option<Bytes>,
+}
+
+/// When a write of bytes may go ahead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Precondition {
+    Always,
+    /// Nothing is stored under the key.
+    Absent,
+    /// The key still holds the object read before (same ETag, or same SHA-256 where the
+    /// store has no ETags).
+    Unchanged(ObjectInfo),
+}
+
 /// Bytes to write: the first `size` bytes of an already opened file (never reopened by path,
 /// so a symlink swapped in meanwhile is not followed) and their SHA-256.
 #[derive(Clone, Debug)]
@@ -122,6 +141,25 @@ pub trait Destination: Send + Sync + 'static {
         async { Ok(WhileHashing::NotHere) }
     }
 
+    /// The object under `key`, its bytes included when it has at most `limit` of them.
+    fn get(
+        &self,
+        key: &str,
+        limit: u64,
+    ) -> impl Future<Output = Result<Option<Fetched>, DestinationError>> + Send;
+
+    /// Writes `data` under `key` if `when` holds; `None` when it did not, and then nothing
+    /// was written.
+    fn put_bytes(
+        &self,
+        key: &str,
+        data: Bytes,
+        when: Precondition,
+    ) -> impl Future<Output = Result<Option<ObjectInfo>, DestinationError>> + Send;
+
+    /// Removes the object under `key`; nothing there is no error.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<(), DestinationError>> + Send;
+
     /// Files smaller than this are read into memory once, hashed and written from there.
     fn in_memory_limit(&self) -> u64 {
         0
@@ -157,7 +195,7 @@ pub enum DestinationError {
     BadCredentials { endpoint: String, code: String },
     #[error(
         "access denied to bucket `{bucket}` at {endpoint} ({operation}) — grant s3:ListBucket \
-         on the bucket and s3:GetObject and s3:PutObject under the prefix"
+         on the bucket and s3:GetObject, s3:PutObject and s3:DeleteObject under the prefix"
     )]
     AccessDenied {
         bucket: String,
@@ -196,6 +234,8 @@ pub enum DestinationError {
     },
     #[error("`{key}` already holds other bytes than the file with the same SHA-256 prefix")]
     ConflictTaken { key: String },
+    #[error("`{key}` kept changing while we wrote it (Airflow's own upload at the same time); trying again")]
+    Raced { key: String },
 }
 
 impl DestinationError {
@@ -217,6 +257,7 @@ impl DestinationError {
             DestinationError::Io { .. } => "io",
             DestinationError::Unverified { .. } => "unverified",
             DestinationError::ConflictTaken { .. } => "conflict_taken",
+            DestinationError::Raced { .. } => "raced",
         }
     }
 }

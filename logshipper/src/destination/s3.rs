@@ -31,7 +31,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use super::{
-    Destination, DestinationError, LocalContent, ObjectInfo, WhileHashing, SHA256_METADATA,
+    Destination, DestinationError, Fetched, LocalContent, ObjectInfo, Precondition, WhileHashing,
+    SHA256_METADATA,
 };
 use crate::local_file::read_at;
 
@@ -321,6 +322,105 @@ impl Destination for S3Destination {
         }
         let (content, put) = self.put_multipart_hashing(key, file, path, size).await?;
         Ok(WhileHashing::Sent(content, put))
+    }
+
+    async fn get(&self, key: &str, limit: u64) -> Result<Option<Fetched>, DestinationError> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(self.bucket())
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(self.classify("GetObject", key, e)),
+        };
+        let mut info = ObjectInfo {
+            size: out.content_length().unwrap_or_default().max(0) as u64,
+            sha256: out.metadata().and_then(|m| m.get(SHA256_METADATA)).cloned(),
+            etag: out.e_tag().map(str::to_owned),
+            version_id: out.version_id().map(str::to_owned),
+            confirmed: false,
+        };
+        if info.size > limit {
+            return Ok(Some(Fetched { info, data: None }));
+        }
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| DestinationError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                detail: format!("reading `{key}`: {e}"),
+            })?
+            .into_bytes();
+        // Metadata names what we wrote; someone else may have written since.
+        info.size = data.len() as u64;
+        info.sha256 = Some(hex::encode(Sha256::digest(&data)));
+        Ok(Some(Fetched {
+            info,
+            data: Some(data),
+        }))
+    }
+
+    async fn put_bytes(
+        &self,
+        key: &str,
+        data: Bytes,
+        when: Precondition,
+    ) -> Result<Option<ObjectInfo>, DestinationError> {
+        let _permit = self.requests.acquire().await.expect("never closed");
+        let sha = Sha256::digest(&data);
+        let (sha256, checksum, size) = (hex::encode(sha), base64(&sha), data.len());
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(self.bucket())
+            .key(key)
+            .content_length(size as i64)
+            .checksum_sha256(&checksum)
+            .metadata(SHA256_METADATA, &sha256)
+            .body(ByteStream::from(data));
+        let conditional = match &when {
+            Precondition::Always => false,
+            Precondition::Absent => {
+                request = request.if_none_match("*");
+                true
+            }
+            Precondition::Unchanged(read) => match &read.etag {
+                Some(etag) => {
+                    request = request.if_match(etag);
+                    true
+                }
+                None => false,
+            },
+        };
+        let sent = request.customize().disable_payload_signing().send().await;
+        let out = match sent {
+            Ok(out) => out,
+            Err(e) if conditional && precondition_failed(&e) => return Ok(None),
+            Err(e) => return Err(self.classify("PutObject", key, e)),
+        };
+        Ok(Some(ObjectInfo {
+            size: size as u64,
+            confirmed: out.checksum_sha256() == Some(checksum.as_str()),
+            sha256: Some(sha256),
+            etag: out.e_tag().map(str::to_owned),
+            version_id: out.version_id().map(str::to_owned),
+        }))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), DestinationError> {
+        self.client
+            .delete_object()
+            .bucket(self.bucket())
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.classify("DeleteObject", key, e))?;
+        Ok(())
     }
 
     fn in_memory_limit(&self) -> u64 {

@@ -28,6 +28,7 @@ async fn a_backlog_ten_times_the_cap_ships_whole_and_the_daemon_is_ready_meanwhi
         destination: FileDestination::new(&out).unwrap(),
         recorder: ledger.recorder(),
         ledger,
+        alongside: None,
     });
     let settings = Settings {
         settle: Duration::from_millis(300),
@@ -35,6 +36,7 @@ async fn a_backlog_ten_times_the_cap_ships_whole_and_the_daemon_is_ready_meanwhi
         workers: 2,
         delete_after: None,
         sweep_every: Duration::from_secs(3600),
+        final_after: Duration::from_secs(600),
         initial_sources: 1,
         max_tracked: 5,
     };

@@ -85,6 +85,7 @@ mod tests {
             destination: FileDestination::new(&out).unwrap(),
             recorder: recorder.clone(),
             ledger,
+            alongside: None,
         });
         let settings = Settings {
             settle: HOUR,
@@ -92,6 +93,7 @@ mod tests {
             workers: 2,
             delete_after: None,
             sweep_every: HOUR,
+            final_after: Duration::from_secs(600),
             initial_sources: 1,
             max_tracked: 100,
         };
