@@ -55,6 +55,8 @@ fn shipper(minio: &Minio, source: &Path, bucket: &str, ledger: &Path) -> Result<
         format!("--ledger={}", ledger.display()),
         "--settle=1s".into(),
         "--once".into(),
+        // The sole-writer rule: the log's own key from the first upload.
+        "--airflow-remote-logging=off".into(),
     ])
     .envs(minio.aws_env())
     .env("RUST_LOG", "warn");

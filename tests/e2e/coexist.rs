@@ -29,6 +29,8 @@ fn ship_once(minio: &Minio, source: &Path, state: &Path) -> Result<()> {
         format!("--ledger={}", state.join("ledger.redb").display()),
         "--settle=0s".into(),
         "--once".into(),
+        // The sole-writer rule: the log's own key from the first upload.
+        "--airflow-remote-logging=off".into(),
     ];
     let bin = localship_bin("localship-logshipper")?;
     let mut p = Process::spawn("logshipper", &bin, &args, &minio.aws_env(), state)?;

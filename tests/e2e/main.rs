@@ -4,6 +4,7 @@
 
 mod airflow_reader;
 mod authority;
+mod beside_airflow;
 mod coexist;
 mod common;
 mod dashboard;

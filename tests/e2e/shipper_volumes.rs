@@ -84,9 +84,7 @@ fn write(root: &Path, relative: &str, bytes: &[u8]) -> Result<()> {
 }
 
 async fn object(minio: &Minio, relative: &str) -> Result<Option<Vec<u8>>> {
-    minio
-        .get_object("airflow", &format!("logs/{relative}"))
-        .await
+    minio.log_view("airflow", &format!("logs/{relative}")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

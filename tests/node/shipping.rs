@@ -53,12 +53,12 @@ fn expected_log(attempt: u32) -> Vec<u8> {
     text.into_bytes()
 }
 
-/// Waits until the log's key holds exactly what the pod wrote.
+/// Waits until Airflow's reader finds exactly what the pod wrote under the log's key.
 async fn wait_shipped(env: &Env, attempt: u32) -> Result<()> {
     let key = format!("logs/{}", log_path(attempt));
     let want = expected_log(attempt);
     wait_for(&format!("{key} to be shipped"), SHIP_TIMEOUT, || async {
-        Ok(match env.minio.get_object(BUCKET, &key).await? {
+        Ok(match env.minio.log_view(BUCKET, &key).await? {
             Some(got) if got == want => Some(()),
             Some(got) => anyhow::bail!(
                 "{key} holds {} bytes, not the {} written",

@@ -89,3 +89,47 @@ pub fn read_with_airflow(
     }
     Ok(reads)
 }
+
+/// Uploads `relative` (under `base_log_folder`) to `remote_base` at `endpoint` with `minio`'s
+/// credentials and Airflow's own upload code, as a worker does when a try ends or defers:
+/// the whole file appended to what the key holds; with `delete_local_copy`, the log's folder
+/// removed after. Airflow swallows a failed upload, as it does on a worker.
+/// Blocks for a few seconds; async tests should call it in `spawn_blocking`.
+pub fn upload_with_airflow(
+    minio: &Minio,
+    endpoint: &str,
+    remote_base: &str,
+    base_log_folder: &std::path::Path,
+    relative: &str,
+    delete_local_copy: bool,
+) -> Result<()> {
+    let python = airflow_python()?;
+    let script = airflow_dir().join("upload_log.py");
+    let mut command = Command::new(&python);
+    command.arg(&script).args([
+        "--endpoint",
+        endpoint,
+        "--remote-base",
+        remote_base,
+        "--base-log-folder",
+        &base_log_folder.display().to_string(),
+    ]);
+    if delete_local_copy {
+        command.arg("--delete-local-copy");
+    }
+    let out = command
+        .arg(relative)
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .envs(minio.aws_env())
+        .output()
+        .with_context(|| format!("run {} {}", python.display(), script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "Airflow's log upload failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

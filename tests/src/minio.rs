@@ -182,6 +182,26 @@ impl Minio {
         }
     }
 
+    /// What Airflow's S3 reader finds for the log under `key`: every object whose key starts
+    /// with it, in key order, one after the other; `None` when there is none. A log shipped
+    /// by one writer is one object, under its own key or under a side key until final.
+    pub async fn log_view(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let keys: Vec<String> = self
+            .list_keys(bucket)
+            .await?
+            .into_iter()
+            .filter(|k| k.starts_with(key))
+            .collect();
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let mut view = Vec::new();
+        for key in keys {
+            view.extend(self.get_object(bucket, &key).await?.unwrap_or_default());
+        }
+        Ok(Some(view))
+    }
+
     /// Every key in the bucket, sorted.
     pub async fn list_keys(&self, bucket: &str) -> Result<Vec<String>> {
         let mut keys = Vec::new();

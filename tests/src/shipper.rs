@@ -27,16 +27,21 @@ pub struct ShipperAgent {
 
 impl ShipperAgent {
     /// A standalone shipper of `source` to `dest` (e.g. `s3://airflow/logs`) on `minio`, with
-    /// `--settle=1s` unless `extra` sets it. Not started yet.
+    /// `--settle=1s` and `--airflow-remote-logging=off` unless `extra` sets them. Not started
+    /// yet.
     pub fn standalone(minio: &Minio, source: &Path, dest: &str, extra: &[&str]) -> Result<Self> {
         let mut args = vec![format!("--source={}", source.display())];
         args.extend(extra.iter().map(|s| s.to_string()));
+        // The only writer unless a test says otherwise: these tests read the log's own key.
+        if !args.iter().any(|a| a.starts_with("--airflow-remote-logging")) {
+            args.push("--airflow-remote-logging=off".into());
+        }
         Self::new("logshipper", minio, dest, args)
     }
 
     /// A Kubernetes-mode shipper for `node`, shipping its opted-in volumes to `dest` on
     /// `minio`, as the shipper's DaemonSet pod on `node` would act (see
-    /// [`crate::authority`]). Not started yet.
+    /// [`crate::authority`]), beside Airflow's own uploads as deployed. Not started yet.
     pub async fn kubernetes(
         cp: &ControlPlane,
         node: &str,
