@@ -15,6 +15,7 @@ servers:
 	bash tests/servers/build.sh >/dev/null
 	bash tests/servers/helm/build.sh >/dev/null
 	bash tests/airflow/setup.sh >/dev/null
+	bash tests/airflow/setup.sh requirements-2.10.lock >/dev/null
 
 ## The release binaries the e2e tests run (the same ones the image ships).
 build:

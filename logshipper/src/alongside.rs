@@ -36,7 +36,10 @@ pub enum Decision {
     /// The object ends with the file's first `covered` bytes (0: none of the file is in it;
     /// also when there is no object). `base` is the object without a redundant copy before
     /// them, when it had one.
-    Remainder { covered: usize, base: Option<Vec<u8>> },
+    Remainder {
+        covered: usize,
+        base: Option<Vec<u8>>,
+    },
 }
 
 /// Relates a local log to the object under its canonical key.
@@ -69,7 +72,12 @@ pub fn decide(object: Option<&[u8]>, file: &[u8]) -> Decision {
 
 /// What the canonical key should hold once the log is final: the object (or its repaired
 /// form) with what it lacks of the file, joined as Airflow joins an upload to what was there.
-pub fn finished(object: Option<&[u8]>, file: &[u8], covered: usize, base: Option<&[u8]>) -> Vec<u8> {
+pub fn finished(
+    object: Option<&[u8]>,
+    file: &[u8],
+    covered: usize,
+    base: Option<&[u8]>,
+) -> Vec<u8> {
     let object = base.or(object).unwrap_or_default();
     let rest = &file[covered..];
     if object.is_empty() {
@@ -236,8 +244,14 @@ mod tests {
         let Decision::Remainder { covered, base } = decide(Some(&object), &file) else {
             panic!("the file's end is not in the object");
         };
-        assert_eq!((covered, base.as_deref()), (twice.len(), Some(twice.as_slice())));
-        assert_eq!(finished(Some(&object), &file, covered, base.as_deref()), file);
+        assert_eq!(
+            (covered, base.as_deref()),
+            (twice.len(), Some(twice.as_slice()))
+        );
+        assert_eq!(
+            finished(Some(&object), &file, covered, base.as_deref()),
+            file
+        );
     }
 
     #[test]

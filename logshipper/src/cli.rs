@@ -70,7 +70,13 @@ pub struct Args {
     /// log is final (--final-after, or its volume is being deleted). So no line is ever shown
     /// twice. `off`: localship is the only writer and ships straight to the log's key.
     /// S3 destinations only.
-    #[arg(long, value_enum, value_name = "ON|OFF", env = "LOCALSHIP_AIRFLOW_REMOTE_LOGGING", default_value = "on")]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "ON|OFF",
+        env = "LOCALSHIP_AIRFLOW_REMOTE_LOGGING",
+        default_value = "on"
+    )]
     pub airflow_remote_logging: Toggle,
 
     /// With --airflow-remote-logging on: a log unchanged this long is final, and localship

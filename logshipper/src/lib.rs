@@ -8,8 +8,8 @@
 //! `metrics` and `http` show it. In Kubernetes mode, `kubernetes` turns this node's opted-in
 //! volumes into sources and holds each deleted one until its logs are shipped.
 
-pub mod cli;
 pub mod alongside;
+pub mod cli;
 pub mod coexist;
 pub mod destination;
 pub mod discover;

@@ -4,6 +4,8 @@
 //! A draining source (its volume is being deleted) ships at once and is reported when done.
 
 #[cfg(test)]
+mod alongside_tests;
+#[cfg(test)]
 mod backlog_tests;
 mod drain;
 mod seen;

@@ -70,7 +70,7 @@ pub struct Shipped {
 impl Shipped {
     /// Written under a side key: visible, but to be finished once the log is final.
     pub fn provisional(&self) -> bool {
-        self.how == How::Side || (self.how == How::Unchanged && is_side_key(&self.key))
+        self.how == How::Side
     }
 }
 
@@ -154,11 +154,11 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         Err(source) => return Err(Error::Read { path, source }),
     };
     let content = LocalContent::new(file, path, stat.size, sha256, extra);
-    if let Some(previous) = previous.clone().filter(|r| {
-        r.sha256 == content.sha256
-            && r.stat.size == stat.size
-            && !(is_side_key(&r.key) && (job.finished || ctx.alongside.is_some()))
-    }) {
+    // A log under its side key is not final: it is looked at again, not taken as shipped.
+    if let Some(previous) = previous
+        .clone()
+        .filter(|r| r.sha256 == content.sha256 && r.stat.size == stat.size && !is_side_key(&r.key))
+    {
         let record = Record {
             stat,
             shipped_at_ms: now_ms(),
@@ -176,7 +176,9 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
     }
 
     if let Some(how) = &ctx.alongside {
-        if let Some(outcome) = ship_alongside(ctx, how, job, &content, stat, previous.as_ref()).await? {
+        if let Some(outcome) =
+            ship_alongside(ctx, how, job, &content, stat, previous.as_ref()).await?
+        {
             return Ok(outcome);
         }
     }
@@ -258,7 +260,11 @@ async fn ship_alongside<D: Destination>(
         Some(data) => data.clone(),
         None => match whole(content).await? {
             Some(data) => data,
-            None => return Ok(Some(Outcome::Changed(current_stat(&content.file).unwrap_or(stat)))),
+            None => {
+                return Ok(Some(Outcome::Changed(
+                    current_stat(&content.file).unwrap_or(stat),
+                )))
+            }
         },
     };
     // Only a side key we may have written needs removing: none for a log already final.
@@ -278,7 +284,10 @@ async fn ship_alongside<D: Destination>(
         let (how, written) = match alongside::decide(object.as_deref(), &file) {
             Decision::Covered => (How::AlreadyThere, info),
             Decision::Repair(fixed) => {
-                tracing::info!(key, "the object repeats the log's beginning; writing it once");
+                tracing::info!(
+                    key,
+                    "the object repeats the log's beginning; writing it once"
+                );
                 let written = dest.put_bytes(&key, fixed.into(), when).await?;
                 (How::Repaired, written)
             }
@@ -334,7 +343,10 @@ async fn gone<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome> {
         if alongside::holds(&object, &part) {
             dest.delete(&side).await?;
             ctx.ledger.remove(&job.source.id, &job.relative)?;
-            tracing::info!(key, "the log is gone and Airflow's object holds it; its side key is removed");
+            tracing::info!(
+                key,
+                "the log is gone and Airflow's object holds it; its side key is removed"
+            );
         }
     }
     Ok(Outcome::Gone)
@@ -691,7 +703,11 @@ mod tests {
         assert_eq!((shipped.how, &shipped.key), (How::Side, &s.side()));
         assert!(shipped.provisional());
         assert_eq!(s.object(&s.side()).unwrap(), b"a1\n");
-        assert_eq!(s.object(REL), None, "the log's key is Airflow's until the log is final");
+        assert_eq!(
+            s.object(REL),
+            None,
+            "the log's key is Airflow's until the log is final"
+        );
         // Airflow uploaded the first part at a deferral; only the rest goes beside it.
         s.write_object(REL, b"a1\n");
         let stat = s.write_local(b"a1\nb1\n");
@@ -709,7 +725,10 @@ mod tests {
         // Airflow's upload at the end: nothing was under the key, so the file alone.
         s.write_object(REL, b"a1\nb1\n");
         let shipped = s.shipped(stat).await;
-        assert_eq!((shipped.how, shipped.key.as_str()), (How::AlreadyThere, REL));
+        assert_eq!(
+            (shipped.how, shipped.key.as_str()),
+            (How::AlreadyThere, REL)
+        );
         assert!(!shipped.provisional());
         assert_eq!(s.object(&s.side()), None);
         assert_eq!(s.object(REL).unwrap(), b"a1\nb1\n");

@@ -43,6 +43,19 @@ def configure_airflow(endpoint: str, remote_base: str, home: str) -> None:
     )
 
 
+def remote_log_io():
+    """The RemoteLogIO the UI reads task logs with, built from the config above."""
+    try:
+        # Airflow 3: what FileTaskHandler._read_remote_logs asks airflow_local_settings for.
+        from airflow.logging_config import get_remote_task_log
+    except ImportError:
+        # Airflow 2: the task log handler the UI's TaskLogReader uses, and its S3 IO.
+        from airflow.utils.log.log_reader import TaskLogReader
+
+        return getattr(TaskLogReader().log_handler, "io", None)
+    return get_remote_task_log()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoint", required=True)
@@ -56,12 +69,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="airflow-home-") as home:
         configure_airflow(args.endpoint, args.remote_base, home)
-        # The same lookup FileTaskHandler._read_remote_logs makes for the UI:
-        # the RemoteLogIO airflow_local_settings builds from the config above.
-        from airflow.logging_config import get_remote_task_log
         from airflow.providers.amazon.aws.log.s3_task_handler import S3RemoteLogIO
 
-        reader = get_remote_task_log()
+        reader = remote_log_io()
         if not isinstance(reader, S3RemoteLogIO):
             print(f"Airflow configured {reader!r}, not S3RemoteLogIO: check the config", file=sys.stderr)
             return 2

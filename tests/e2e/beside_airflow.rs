@@ -1,13 +1,14 @@
 //! localship beside Airflow's own remote logging: Airflow's upload code (the amazon
 //! provider's, from the pinned venv) writes as a worker does, localship ships the same log
 //! folders, and Airflow's reader must return every line the task wrote exactly once, with
-//! the log's own key holding the whole log in the end.
+//! the log's own key holding the whole log in the end. Every scenario runs with Airflow 2.10
+//! and with Airflow 3.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use localship_tests::airflow::{read_with_airflow, upload_with_airflow};
+use localship_tests::airflow::{read_with, upload_with_airflow, Airflow};
 use localship_tests::{scratch_dir, wait_for, Minio, ShipperAgent};
 
 const BUCKET: &str = "airflow";
@@ -15,19 +16,20 @@ const REMOTE_BASE: &str = "s3://airflow/logs";
 const RUN: &str = "dag_id=etl/run_id=scheduled__2026-12-01T00:00:00+00:00";
 const WAIT: Duration = Duration::from_secs(60);
 
-/// One shipper beside Airflow over two workers' log folders.
+/// One shipper beside one Airflow version over two workers' log folders.
 struct Beside {
+    airflow: Airflow,
     minio: Minio,
     shipper: ShipperAgent,
     workers: [PathBuf; 2],
 }
 
 impl Beside {
-    async fn start(final_after: &str) -> Result<Self> {
-        Self::start_with(final_after, "--settle=1s").await
+    async fn start(airflow: Airflow, final_after: &str) -> Result<Self> {
+        Self::start_with(airflow, final_after, "--settle=1s").await
     }
 
-    async fn start_with(final_after: &str, settle: &str) -> Result<Self> {
+    async fn start_with(airflow: Airflow, final_after: &str, settle: &str) -> Result<Self> {
         let minio = Minio::start().await?;
         minio.create_bucket(BUCKET).await?;
         let workers = [scratch_dir("worker-1")?, scratch_dir("worker-2")?];
@@ -42,6 +44,7 @@ impl Beside {
         let mut shipper = ShipperAgent::standalone(&minio, &workers[0], REMOTE_BASE, &extra)?;
         shipper.start().await?;
         Ok(Self {
+            airflow,
             minio,
             shipper,
             workers,
@@ -65,7 +68,16 @@ impl Beside {
         let folder = &self.workers[worker];
         let endpoint = self.minio.endpoint();
         tokio::task::block_in_place(|| {
-            upload_with_airflow(&self.minio, &endpoint, REMOTE_BASE, folder, relative, delete_local)
+            let minio = &self.minio;
+            upload_with_airflow(
+                self.airflow,
+                minio,
+                &endpoint,
+                REMOTE_BASE,
+                folder,
+                relative,
+                delete_local,
+            )
         })
     }
 
@@ -99,7 +111,7 @@ impl Beside {
     /// What Airflow's own reader returns for `relative` holds `want`'s lines, each once.
     fn airflow_reads_once(&self, relative: &str, want: &str) -> Result<()> {
         let reads = tokio::task::block_in_place(|| {
-            read_with_airflow(&self.minio, REMOTE_BASE, &[relative])
+            read_with(self.airflow, &self.minio, REMOTE_BASE, &[relative])
         })?;
         let content = reads[relative].content.clone().unwrap_or_default();
         let got = lines(content.concat().as_bytes());
@@ -135,13 +147,43 @@ fn part(task: &str, name: &str, n: usize) -> String {
     text
 }
 
+/// Each scenario as a test per Airflow major.
+macro_rules! for_each_airflow {
+    ($($scenario:ident),* $(,)?) => {
+        mod airflow_2 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario(super::Airflow::V2).await
+                }
+            )*
+        }
+        mod airflow_3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario(super::Airflow::V3).await
+                }
+            )*
+        }
+    };
+}
+
+for_each_airflow!(
+    a_quiet_task_then_airflows_upload_shows_every_line_once,
+    a_quick_task_uploaded_by_airflow_first_gets_nothing_more,
+    a_killed_workers_log_becomes_final_under_its_own_key,
+    a_task_deferred_on_one_worker_and_resumed_on_another_shows_each_part_once,
+    delete_local_logs_after_airflows_upload_leaves_one_copy,
+    a_failed_airflow_upload_leaves_localships_copy_complete,
+);
+
 fn log(task: &str, attempt: u32) -> String {
     format!("{RUN}/task_id={task}/attempt={attempt}.log")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quiet_task_then_airflows_upload_shows_every_line_once() -> Result<()> {
-    let b = Beside::start("10m").await?;
+async fn a_quiet_task_then_airflows_upload_shows_every_line_once(airflow: Airflow) -> Result<()> {
+    let b = Beside::start(airflow, "10m").await?;
     let rel = format!("{RUN}/task_id=load/map_index=2/attempt=2.log");
     let (first, rest) = (part("load", "first", 5), part("load", "rest", 5));
     b.append(0, &rel, &first)?;
@@ -154,10 +196,9 @@ async fn a_quiet_task_then_airflows_upload_shows_every_line_once() -> Result<()>
     b.airflow_reads_once(&rel, &whole)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quick_task_uploaded_by_airflow_first_gets_nothing_more() -> Result<()> {
+async fn a_quick_task_uploaded_by_airflow_first_gets_nothing_more(airflow: Airflow) -> Result<()> {
     // Airflow uploads well within the settle period.
-    let b = Beside::start_with("10m", "--settle=15s").await?;
+    let b = Beside::start_with(airflow, "10m", "--settle=15s").await?;
     let rel = log("quick", 1);
     let text = part("quick", "quick", 3);
     b.append(0, &rel, &text)?;
@@ -169,15 +210,19 @@ async fn a_quick_task_uploaded_by_airflow_first_gets_nothing_more() -> Result<()
         Ok(seen.filter(|n| *n >= 1.0).map(|_| ()))
     })
     .await?;
-    let sent = b.shipper.metric("localship_logshipper_bytes_shipped_total")?;
-    ensure!(sent == Some(0.0), "localship uploaded {sent:?} bytes of a log Airflow had");
+    let sent = b
+        .shipper
+        .metric("localship_logshipper_bytes_shipped_total")?;
+    ensure!(
+        sent == Some(0.0),
+        "localship uploaded {sent:?} bytes of a log Airflow had"
+    );
     b.wait_view(&rel, &text, true).await?;
     b.airflow_reads_once(&rel, &text)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_workers_log_becomes_final_under_its_own_key() -> Result<()> {
-    let b = Beside::start("3s").await?;
+async fn a_killed_workers_log_becomes_final_under_its_own_key(airflow: Airflow) -> Result<()> {
+    let b = Beside::start(airflow, "3s").await?;
     let rel = log("killed", 1);
     let text = part("killed", "before the kill", 4);
     b.append(0, &rel, &text)?;
@@ -186,10 +231,10 @@ async fn a_killed_workers_log_becomes_final_under_its_own_key() -> Result<()> {
     b.airflow_reads_once(&rel, &text)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_deferred_on_one_worker_and_resumed_on_another_shows_each_part_once(
+    airflow: Airflow,
 ) -> Result<()> {
-    let b = Beside::start("10m").await?;
+    let b = Beside::start(airflow, "10m").await?;
     let rel = log("wait", 1);
     let trigger = format!("{rel}.trigger.7.log");
     let (a, b1, b2) = (
@@ -210,36 +255,41 @@ async fn a_task_deferred_on_one_worker_and_resumed_on_another_shows_each_part_on
     b.airflow_upload(1, &rel, false)?;
     let whole = format!("{a}{b1}{b2}");
     b.wait_view(&format!("{rel}.trigger"), &t, false).await?;
-    wait_for("part A then part B under the log's key, nothing beside", WAIT, || async {
-        let objects = b.objects(&rel).await?;
-        let keys: Vec<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
-        let own = format!("logs/{rel}");
-        let trig = format!("logs/{trigger}");
-        let done = keys.len() == 2 && keys[0] == own && keys[1].starts_with(&trig);
-        Ok((done && lines(&objects[0].1) == lines(whole.as_bytes())).then_some(()))
-    })
+    wait_for(
+        "part A then part B under the log's key, nothing beside",
+        WAIT,
+        || async {
+            let objects = b.objects(&rel).await?;
+            let keys: Vec<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
+            let own = format!("logs/{rel}");
+            let trig = format!("logs/{trigger}");
+            let done = keys.len() == 2 && keys[0] == own && keys[1].starts_with(&trig);
+            Ok((done && lines(&objects[0].1) == lines(whole.as_bytes())).then_some(()))
+        },
+    )
     .await?;
     b.airflow_reads_once(&rel, &format!("{whole}{t}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_local_logs_after_airflows_upload_leaves_one_copy() -> Result<()> {
-    let b = Beside::start("10m").await?;
+async fn delete_local_logs_after_airflows_upload_leaves_one_copy(airflow: Airflow) -> Result<()> {
+    let b = Beside::start(airflow, "10m").await?;
     let rel = log("tidy", 1);
     let (first, rest) = (part("tidy", "first", 3), part("tidy", "rest", 3));
     b.append(0, &rel, &first)?;
     b.wait_view(&rel, &first, false).await?;
     b.append(0, &rel, &rest)?;
     b.airflow_upload(0, &rel, true)?;
-    ensure!(!b.workers[0].join(&rel).exists(), "Airflow removed the folder");
+    ensure!(
+        !b.workers[0].join(&rel).exists(),
+        "Airflow removed the folder"
+    );
     let whole = format!("{first}{rest}");
     b.wait_view(&rel, &whole, true).await?;
     b.airflow_reads_once(&rel, &whole)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_airflow_upload_leaves_localships_copy_complete() -> Result<()> {
-    let b = Beside::start("4s").await?;
+async fn a_failed_airflow_upload_leaves_localships_copy_complete(airflow: Airflow) -> Result<()> {
+    let b = Beside::start(airflow, "4s").await?;
     let rel = log("unlucky", 1);
     let (first, rest) = (part("unlucky", "first", 3), part("unlucky", "rest", 3));
     b.append(0, &rel, &first)?;
@@ -248,9 +298,21 @@ async fn a_failed_airflow_upload_leaves_localships_copy_complete() -> Result<()>
     // Airflow's upload to an endpoint that is away fails, and Airflow swallows it.
     tokio::task::block_in_place(|| {
         let away = "http://127.0.0.1:1";
-        upload_with_airflow(&b.minio, away, REMOTE_BASE, &b.workers[0], &rel, false)
+        upload_with_airflow(
+            b.airflow,
+            &b.minio,
+            away,
+            REMOTE_BASE,
+            &b.workers[0],
+            &rel,
+            false,
+        )
     })?;
-    ensure!(b.minio.get_object(BUCKET, &format!("logs/{rel}")).await?.is_none());
+    ensure!(b
+        .minio
+        .get_object(BUCKET, &format!("logs/{rel}"))
+        .await?
+        .is_none());
     let whole = format!("{first}{rest}");
     b.wait_view(&rel, &whole, true).await?;
     b.airflow_reads_once(&rel, &whole)

@@ -13,5 +13,6 @@ mod helm;
 mod logshipper;
 mod node_cleanup;
 mod provisioner;
+mod real_airflow;
 mod shipper_volumes;
 mod smoke;

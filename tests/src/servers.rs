@@ -38,15 +38,22 @@ fn locate_servers() -> Result<PathBuf> {
 /// Runs one of the harness's idempotent setup scripts and returns the path it
 /// prints on its last stdout line; a failure carries the script's stderr.
 pub(crate) fn run_setup_script(script: &Path, what: &str) -> Result<PathBuf> {
+    run_setup_script_with(script, &[], what)
+}
+
+/// [`run_setup_script`] with arguments.
+pub(crate) fn run_setup_script_with(script: &Path, args: &[&str], what: &str) -> Result<PathBuf> {
     let out = Command::new("bash")
         .arg(script)
+        .args(args)
         .output()
         .with_context(|| format!("run {}", script.display()))?;
     if !out.status.success() {
         bail!(
-            "{what} failed ({}); rerun `bash {}` to see why:\n{}",
+            "{what} failed ({}); rerun `bash {} {}` to see why:\n{}",
             out.status,
             script.display(),
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }

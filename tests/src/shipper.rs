@@ -33,7 +33,10 @@ impl ShipperAgent {
         let mut args = vec![format!("--source={}", source.display())];
         args.extend(extra.iter().map(|s| s.to_string()));
         // The only writer unless a test says otherwise: these tests read the log's own key.
-        if !args.iter().any(|a| a.starts_with("--airflow-remote-logging")) {
+        if !args
+            .iter()
+            .any(|a| a.starts_with("--airflow-remote-logging"))
+        {
             args.push("--airflow-remote-logging=off".into());
         }
         Self::new("logshipper", minio, dest, args)

@@ -11,6 +11,9 @@ use serde::Deserialize;
 
 use crate::Minio;
 
+mod standalone;
+pub use standalone::{DagRun, Standalone};
+
 /// What Airflow's reader returned for one relative log path.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct AirflowRead {
@@ -23,24 +26,51 @@ pub struct AirflowRead {
     pub content: Option<Vec<String>>,
 }
 
-fn airflow_dir() -> PathBuf {
+pub(crate) fn airflow_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("airflow")
 }
 
-/// The python of the venv holding the pinned Airflow. Runs
-/// `tests/airflow/setup.sh` (a no-op when its cache is warm) once per process.
+/// The Airflow majors users run, each pinned in a lock of its own under `tests/airflow/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Airflow {
+    /// Airflow 2.10.5 with the amazon provider 9.17.0.
+    V2,
+    /// Airflow 3.3.2 with the amazon provider 9.39.0.
+    V3,
+}
+
+impl Airflow {
+    pub const ALL: [Airflow; 2] = [Airflow::V2, Airflow::V3];
+
+    fn lock(self) -> &'static str {
+        match self {
+            Airflow::V2 => "requirements-2.10.lock",
+            Airflow::V3 => "requirements.lock",
+        }
+    }
+}
+
+/// The python of the venv holding the pinned Airflow 3. Runs `tests/airflow/setup.sh` (a
+/// no-op when its cache is warm) once per process.
 pub fn airflow_python() -> Result<PathBuf> {
-    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PYTHON
-        .get_or_init(|| install().map_err(|e| format!("{e:#}")))
+    python_of(Airflow::V3)
+}
+
+/// The python of the venv holding `version`, installed as [`airflow_python`] does.
+pub fn python_of(version: Airflow) -> Result<PathBuf> {
+    static PYTHONS: OnceLock<[OnceLock<Result<PathBuf, String>>; 2]> = OnceLock::new();
+    let slots = PYTHONS.get_or_init(Default::default);
+    slots[version as usize]
+        .get_or_init(|| install(version).map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
 }
 
-fn install() -> Result<PathBuf> {
-    crate::servers::run_setup_script(
+fn install(version: Airflow) -> Result<PathBuf> {
+    crate::servers::run_setup_script_with(
         &airflow_dir().join("setup.sh"),
-        "installing Airflow for the tests",
+        &[version.lock()],
+        &format!("installing Airflow ({version:?}) for the tests"),
     )
 }
 
@@ -52,7 +82,17 @@ pub fn read_with_airflow(
     remote_base: &str,
     relative_paths: &[&str],
 ) -> Result<BTreeMap<String, AirflowRead>> {
-    let python = airflow_python()?;
+    read_with(Airflow::V3, minio, remote_base, relative_paths)
+}
+
+/// [`read_with_airflow`] with the reader of `version`.
+pub fn read_with(
+    version: Airflow,
+    minio: &Minio,
+    remote_base: &str,
+    relative_paths: &[&str],
+) -> Result<BTreeMap<String, AirflowRead>> {
+    let python = python_of(version)?;
     let script = airflow_dir().join("read_logs.py");
     let out = Command::new(&python)
         .arg(&script)
@@ -96,6 +136,7 @@ pub fn read_with_airflow(
 /// removed after. Airflow swallows a failed upload, as it does on a worker.
 /// Blocks for a few seconds; async tests should call it in `spawn_blocking`.
 pub fn upload_with_airflow(
+    version: Airflow,
     minio: &Minio,
     endpoint: &str,
     remote_base: &str,
@@ -103,7 +144,7 @@ pub fn upload_with_airflow(
     relative: &str,
     delete_local_copy: bool,
 ) -> Result<()> {
-    let python = airflow_python()?;
+    let python = python_of(version)?;
     let script = airflow_dir().join("upload_log.py");
     let mut command = Command::new(&python);
     command.arg(&script).args([
