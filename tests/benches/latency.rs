@@ -1,12 +1,16 @@
-//! S4: how long after a task log is finished (its last write) its object is visible in a
-//! real MinIO, against the settle period the shipper must wait by design (the anchor).
+//! S4: how long after a task log is finished (its last write) it is visible in Airflow's view
+//! of a real MinIO (its own key, or any key that starts with it), against the settle period
+//! the shipper must wait by design (the anchor); once with localship the only writer
+//! (`--airflow-remote-logging off`) and once beside Airflow's uploads (`on`, the default).
+//! Beside Airflow, when Airflow's upload never comes (a killed worker), also how long until
+//! the log's own key holds it, against `--final-after` (the anchor there).
 //!
 //! Logs are written in three bursts each and finished one after another at random
 //! intervals while a daemon runs; the bucket is listed every 25 ms, so a measured latency
 //! is at most 25 ms late.
 //!
 //! `cargo bench -p localship-tests --bench latency` (LOCALSHIP_BENCH_LOGS, default 300;
-//! LOCALSHIP_BENCH_SETTLE, default 2s).
+//! LOCALSHIP_BENCH_SETTLE, default 2s; LOCALSHIP_BENCH_FINAL_AFTER, default 10s).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -17,46 +21,133 @@ use anyhow::{ensure, Result};
 use localship_tests::bench::{env_or, pct};
 use localship_tests::{scratch_dir, Minio, ShipperAgent};
 
+const SIDE_MARK: &str = ".localship-part-";
+
+/// When each key was first listed.
+type Seen = Arc<Mutex<HashMap<String, Instant>>>;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let n: usize = env_or("LOCALSHIP_BENCH_LOGS", 300);
     let settle_arg: String = env_or("LOCALSHIP_BENCH_SETTLE", "2s".to_string());
+    let final_arg: String = env_or("LOCALSHIP_BENCH_FINAL_AFTER", "10s".to_string());
     let settle = humantime::parse_duration(&settle_arg)?;
+    let final_after = humantime::parse_duration(&final_arg)?;
     let minio = Minio::start().await?;
-    minio.create_bucket("latency").await?;
-    let source = scratch_dir("bench-latency")?;
-    let mut shipper = ShipperAgent::standalone(
-        &minio,
-        &source,
-        "s3://latency/logs",
-        &[&format!("--settle={settle_arg}")],
-    )?;
-    shipper.start().await?;
 
-    // Lists the bucket every 25 ms and notes when each key first appears.
-    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let lister = {
-        let (seen, client) = (seen.clone(), minio.client());
-        tokio::spawn(async move {
-            loop {
-                let mut pages = client
-                    .list_objects_v2()
-                    .bucket("latency")
-                    .into_paginator()
-                    .send();
-                let now = Instant::now();
-                while let Some(Ok(page)) = pages.next().await {
-                    let mut seen = seen.lock().unwrap();
-                    for key in page.contents().iter().filter_map(|o| o.key()) {
-                        seen.entry(key.to_string()).or_insert(now);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
+    let mut tables = Vec::new();
+    for (bucket, mode) in [("alone", "off"), ("beside", "on")] {
+        minio.create_bucket(bucket).await?;
+        let source = scratch_dir(&format!("bench-latency-{mode}"))?;
+        let args = [
+            format!("--settle={settle_arg}"),
+            format!("--airflow-remote-logging={mode}"),
+            format!("--final-after={final_arg}"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dest = format!("s3://{bucket}/logs");
+        let mut shipper = ShipperAgent::standalone(&minio, &source, &dest, &args)?;
+        shipper.start().await?;
+        let seen: Seen = Arc::default();
+        let lister = tokio::spawn(list_every_25ms(minio.client(), bucket, seen.clone()));
+        let finished = write_logs(&source, n).await?;
+
+        // Visible: any key that starts with the log's; final: the log's own key.
+        let wait_for = if mode == "on" { final_after } else { settle };
+        let deadline = Instant::now() + wait_for + Duration::from_secs(60);
+        let own_keys = |seen: &HashMap<String, Instant>| {
+            finished.keys().filter(|k| seen.contains_key(*k)).count()
+        };
+        while own_keys(&seen.lock().unwrap()) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        lister.abort();
+        shipper.check_running()?;
+        let seen = seen.lock().unwrap().clone();
+        let mut visible: HashMap<&str, Instant> = HashMap::new();
+        for (key, at) in &seen {
+            let log = key.split(SIDE_MARK).next().unwrap_or(key);
+            let first = visible.entry(log).or_insert(*at);
+            *first = (*first).min(*at);
+        }
+        ensure!(
+            own_keys(&seen) == n,
+            "{} of {n} logs under their own keys a minute after they were due ({mode})",
+            own_keys(&seen)
+        );
+        let latencies = |at: &dyn Fn(&str) -> Instant| -> Vec<Duration> {
+            let mut l: Vec<Duration> = finished
+                .iter()
+                .map(|(key, done)| at(key).saturating_duration_since(*done))
+                .collect();
+            l.sort();
+            l
+        };
+        let shown = latencies(&|key| visible[key]);
+        tables.push((
+            format!("--airflow-remote-logging {mode}: last write -> visible in Airflow's view"),
+            shown,
+            settle,
+            "settle",
+        ));
+        if mode == "on" {
+            let own = latencies(&|key| seen[key]);
+            tables.push((
+                "--airflow-remote-logging on, no upload from Airflow: last write -> the log's own key".to_string(),
+                own,
+                final_after,
+                "final-after",
+            ));
+        }
+    }
+
+    for (title, latencies, anchor, name) in tables {
+        println!("\nS4: {n} logs finished one after another, {title}");
+        println!("| measure | latency s | {name} s (anchor) | ratio  | over anchor ms |");
+        println!(
+            "|---------|-----------|{}|--------|----------------|",
+            "-".repeat(name.len() + 14)
+        );
+        for (row, d) in [
+            ("p50", pct(&latencies, 50.0)),
+            ("p99", pct(&latencies, 99.0)),
+            ("max", *latencies.last().unwrap()),
+        ] {
+            println!(
+                "| {row:<7} | {:>9.3} | {:>w$.3} | {:>5.2}x | {:>14.0} |",
+                d.as_secs_f64(),
+                anchor.as_secs_f64(),
+                d.as_secs_f64() / anchor.as_secs_f64(),
+                (d.as_secs_f64() - anchor.as_secs_f64()) * 1000.0,
+                w = name.len() + 11,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Notes when each key in `bucket` is first listed, listing every 25 ms.
+async fn list_every_25ms(client: aws_sdk_s3::Client, bucket: &'static str, seen: Seen) {
+    loop {
+        let mut pages = client
+            .list_objects_v2()
+            .bucket(bucket)
+            .into_paginator()
+            .send();
+        let now = Instant::now();
+        while let Some(Ok(page)) = pages.next().await {
+            let mut seen = seen.lock().unwrap();
+            for key in page.contents().iter().filter_map(|o| o.key()) {
+                seen.entry(key.to_string()).or_insert(now);
             }
-        })
-    };
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
 
-    let mut finished: HashMap<String, Instant> = HashMap::new();
+/// Writes `n` logs in three bursts each, one after another; when each was finished, by key.
+async fn write_logs(source: &std::path::Path, n: usize) -> Result<HashMap<String, Instant>> {
+    let mut finished = HashMap::new();
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         state ^= state << 13;
@@ -79,39 +170,5 @@ async fn main() -> Result<()> {
         finished.insert(format!("logs/{rel}"), Instant::now());
         tokio::time::sleep(Duration::from_millis(next() % 30)).await;
     }
-    let deadline = Instant::now() + settle + Duration::from_secs(60);
-    while seen.lock().unwrap().len() < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    lister.abort();
-    shipper.check_running()?;
-    let seen = seen.lock().unwrap().clone();
-    ensure!(
-        seen.len() == n,
-        "{} of {n} objects visible a minute after the last log finished",
-        seen.len()
-    );
-    let mut latencies: Vec<Duration> = finished
-        .iter()
-        .map(|(key, done)| seen[key].saturating_duration_since(*done))
-        .collect();
-    latencies.sort();
-
-    println!("\nS4: {n} logs finished one after another, last write -> object listed in MinIO");
-    println!("| measure | latency s | settle s (anchor) | ratio  | over settle ms |");
-    println!("|---------|-----------|-------------------|--------|----------------|");
-    for (name, d) in [
-        ("p50", pct(&latencies, 50.0)),
-        ("p99", pct(&latencies, 99.0)),
-        ("max", *latencies.last().unwrap()),
-    ] {
-        println!(
-            "| {name:<7} | {:>9.3} | {:>17.3} | {:>5.2}x | {:>14.0} |",
-            d.as_secs_f64(),
-            settle.as_secs_f64(),
-            d.as_secs_f64() / settle.as_secs_f64(),
-            (d.as_secs_f64() - settle.as_secs_f64()) * 1000.0
-        );
-    }
-    Ok(())
+    Ok(finished)
 }
