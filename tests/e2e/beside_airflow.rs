@@ -222,13 +222,21 @@ async fn a_quick_task_uploaded_by_airflow_first_gets_nothing_more(airflow: Airfl
 }
 
 async fn a_killed_workers_log_becomes_final_under_its_own_key(airflow: Airflow) -> Result<()> {
-    let b = Beside::start(airflow, "3s").await?;
-    let rel = log("killed", 1);
+    // Longer than Airflow's upload takes to start here, so attempt 2 is not final before it.
+    let b = Beside::start(airflow, "15s").await?;
+    let (killed, retry) = (log("killed", 1), log("killed", 2));
     let text = part("killed", "before the kill", 4);
-    b.append(0, &rel, &text)?;
-    // No upload from Airflow ever comes; the log is final once quiet for --final-after.
-    b.wait_view(&rel, &text, true).await?;
-    b.airflow_reads_once(&rel, &text)
+    b.append(0, &killed, &text)?;
+    // The retry runs while the killed attempt is being shipped, and ends normally.
+    let retried = part("killed", "retry", 3);
+    b.append(0, &retry, &retried)?;
+    b.airflow_upload(0, &retry, false)?;
+    // No upload from Airflow ever comes for attempt 1; it is final once quiet for
+    // --final-after.
+    b.wait_view(&killed, &text, true).await?;
+    b.wait_view(&retry, &retried, true).await?;
+    b.airflow_reads_once(&killed, &text)?;
+    b.airflow_reads_once(&retry, &retried)
 }
 
 async fn a_task_deferred_on_one_worker_and_resumed_on_another_shows_each_part_once(
@@ -289,7 +297,7 @@ async fn delete_local_logs_after_airflows_upload_leaves_one_copy(airflow: Airflo
 }
 
 async fn a_failed_airflow_upload_leaves_localships_copy_complete(airflow: Airflow) -> Result<()> {
-    let b = Beside::start(airflow, "4s").await?;
+    let b = Beside::start(airflow, "20s").await?;
     let rel = log("unlucky", 1);
     let (first, rest) = (part("unlucky", "first", 3), part("unlucky", "rest", 3));
     b.append(0, &rel, &first)?;
