@@ -1,8 +1,9 @@
 //! Shipping beside Airflow's own remote logging, without ever causing a repeated line.
 //!
 //! Airflow's upload (the amazon provider's `S3RemoteLogIO.upload`) reads whatever the log's
-//! key holds and writes `old + "\n" + whole local file` back; its reader lists every key that
-//! starts with the log's key and shows them all. So anything we put under the canonical key
+//! key holds and writes it back with the whole local file after it (joined by `"\n"` in
+//! Airflow 2's provider; on a line of its own in Airflow 3's, which then empties the local
+//! file); its reader lists every key that starts with the log's key and shows them all. So anything we put under the canonical key
 //! before Airflow's last upload is shown twice. The rule:
 //!
 //! - While the log may still grow, what Airflow's object (if any) lacks goes under a side key
@@ -84,8 +85,12 @@ pub fn finished(
         return rest.to_vec();
     }
     // The object ends with the covered part: the rest continues it. With nothing covered,
-    // the file is another part of the log, after a line break as Airflow puts it.
-    let join: &[u8] = if covered == 0 { b"\n" } else { b"" };
+    // the file is another part of the log, on a line of its own as Airflow 3 puts it.
+    let join: &[u8] = if covered == 0 && !object.ends_with(b"\n") {
+        b"\n"
+    } else {
+        b""
+    };
     [object, join, rest].concat()
 }
 
@@ -131,12 +136,16 @@ fn longest_tail_prefix(object: &[u8], file: &[u8], budget: &mut usize) -> Option
 }
 
 /// Where a redundant copy of the file's beginning starts, when one stands just before
-/// `start`: whole lines, then the line break Airflow puts between what it found and the file.
+/// `start`: whole lines, then, from Airflow 2's provider, the empty line it puts between what
+/// it found and the file (Airflow 3's adds none after a line break).
 fn redundant_before(object: &[u8], start: usize, file: &[u8], budget: &mut usize) -> Option<usize> {
-    if start < 2 || object[start - 1] != b'\n' || object[start - 2] != b'\n' {
+    if start == 0 || object[start - 1] != b'\n' {
         return None;
     }
-    let head = &object[..start - 1];
+    let head = &object[..start];
+    let head = head
+        .strip_suffix(b"\n\n")
+        .map_or(head, |h| &object[..h.len() + 1]);
     line_starts(head)
         .filter(|&at| at < head.len() && head.len() - at <= file.len())
         .find(|&at| spend(budget, head.len() - at) && file.starts_with(&head[at..]))
@@ -160,11 +169,20 @@ fn spend(budget: &mut usize, bytes: usize) -> bool {
 mod tests {
     use super::*;
 
-    /// What Airflow's upload leaves under the key: `old + "\n" + file`, or the file alone.
+    /// What Airflow 2's upload leaves under the key: `old + "\n" + file`, or the file alone.
     fn airflow_append(old: Option<&[u8]>, file: &[u8]) -> Vec<u8> {
         match old {
             Some(old) if !old.is_empty() => [old, b"\n", file].concat(),
             _ => file.to_vec(),
+        }
+    }
+
+    /// What Airflow 3's upload leaves: the file on a line of its own after what was there.
+    fn airflow3_append(old: Option<&[u8]>, file: &[u8]) -> Vec<u8> {
+        match old {
+            Some(old) if !old.is_empty() && !old.ends_with(b"\n") => [old, b"\n", file].concat(),
+            Some(old) => [old, file].concat(),
+            None => file.to_vec(),
         }
     }
 
@@ -210,12 +228,18 @@ mod tests {
             finished(Some(&object), &file, A.len(), None),
             airflow_append(Some(C), &file)
         );
+        let object = airflow3_append(Some(C), A);
+        assert_eq!(decide(Some(&object), &file), remainder(A.len()));
     }
 
     #[test]
     fn an_unrelated_object_is_kept_and_the_file_goes_after_it() {
         assert_eq!(decide(Some(C), A), remainder(0));
-        assert_eq!(finished(Some(C), A, 0, None), airflow_append(Some(C), A));
+        assert_eq!(finished(Some(C), A, 0, None), airflow3_append(Some(C), A));
+        assert_eq!(
+            finished(Some(b"c"), A, 0, None),
+            airflow3_append(Some(b"c"), A)
+        );
         // A match in the middle of a line is no match.
         let file = b"a1\n".as_slice();
         assert_eq!(decide(Some(b"xa1\n"), file), remainder(0));
@@ -232,6 +256,12 @@ mod tests {
         assert_eq!(
             decide(Some(&object), &file),
             Decision::Repair(airflow_append(Some(C), &file))
+        );
+        // And as Airflow 3 joins them.
+        let object = airflow3_append(Some(&airflow3_append(Some(C), A)), &file);
+        assert_eq!(
+            decide(Some(&object), &file),
+            Decision::Repair(airflow3_append(Some(C), &file))
         );
     }
 
@@ -267,9 +297,10 @@ mod tests {
         let object = [b"y\n".as_slice(), &b"x\n".repeat(100_000)].concat();
         // Found well within the budget: the object's tail is the file's beginning.
         assert_eq!(decide(Some(&object), &file), remainder(200_000));
-        // More of the same lines, with no break between parts: nothing to repair.
+        // Lines without timestamps cannot be told apart: more of the same lines count as
+        // an earlier copy of the file's beginning.
         let other = b"x\n".repeat(300_000);
-        assert_eq!(decide(Some(&other), &file), Decision::Covered);
+        assert_eq!(decide(Some(&other), &file), Decision::Repair(file.clone()));
     }
 
     #[test]
@@ -277,8 +308,12 @@ mod tests {
         // Worker 1 wrote A and B with a quiet spell between; Airflow uploads at the end.
         // Whatever we saw and wrote before, the key ends with each line once.
         let file = [A, B].concat();
-        for object in [None, Some(A.to_vec()), Some(file.clone())] {
-            let after_airflow = airflow_append(object.as_deref(), &file);
+        let appends: [fn(Option<&[u8]>, &[u8]) -> Vec<u8>; 2] = [airflow_append, airflow3_append];
+        for (object, append) in [None, Some(A.to_vec()), Some(file.clone())]
+            .into_iter()
+            .flat_map(|o| appends.map(|a| (o.clone(), a)))
+        {
+            let after_airflow = append(object.as_deref(), &file);
             let settled = match decide(Some(&after_airflow), &file) {
                 Decision::Covered => after_airflow,
                 Decision::Repair(fixed) => fixed,

@@ -743,7 +743,7 @@ mod tests {
         assert_eq!(s.shipped(stat).await.how, How::Side);
         let shipped = s.ship_final(stat).await;
         assert_eq!((shipped.how, shipped.key.as_str()), (How::Replaced, REL));
-        assert_eq!(s.object(REL).unwrap(), b"w1\n\nw2\n");
+        assert_eq!(s.object(REL).unwrap(), b"w1\nw2\n");
         assert_eq!(s.object(&s.side()), None);
         // Seen again, final and unchanged: nothing more to do.
         assert_eq!(s.ship_final(stat).await.how, How::Unchanged);
