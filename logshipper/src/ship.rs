@@ -282,6 +282,8 @@ async fn ship_alongside<D: Destination>(
             .clone()
             .map_or(Precondition::Absent, Precondition::Unchanged);
         let (how, written) = match alongside::decide(object.as_deref(), &file) {
+            // Nothing to hold: an empty log (Airflow 3 creates it before the first line).
+            Decision::Covered if info.is_none() => (How::AlreadyThere, Some(nothing())),
             Decision::Covered => (How::AlreadyThere, info),
             Decision::Repair(fixed) => {
                 tracing::info!(
@@ -350,6 +352,18 @@ async fn gone<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome> {
         }
     }
     Ok(Outcome::Gone)
+}
+
+/// What an empty log is recorded as shipped with: no bytes, no object.
+fn nothing() -> ObjectInfo {
+    use sha2::{Digest, Sha256};
+    ObjectInfo {
+        size: 0,
+        sha256: Some(hex::encode(Sha256::digest(b""))),
+        etag: None,
+        version_id: None,
+        confirmed: false,
+    }
 }
 
 /// The content's bytes, read whole; `None` if they no longer hash as they did.
@@ -714,6 +728,18 @@ mod tests {
         assert_eq!(s.shipped(stat).await.how, How::Side);
         assert_eq!(s.object(&s.side()).unwrap(), b"b1\n");
         assert_eq!(s.object(REL).unwrap(), b"a1\n");
+    }
+
+    #[tokio::test]
+    async fn beside_airflow_an_empty_log_needs_no_object() {
+        let s = Setup::alongside();
+        let stat = s.write_local(b"");
+        let shipped = s.shipped(stat).await;
+        assert_eq!(
+            (shipped.how, shipped.key.as_str()),
+            (How::AlreadyThere, REL)
+        );
+        assert_eq!((s.object(REL), s.object(&s.side())), (None, None));
     }
 
     #[tokio::test]

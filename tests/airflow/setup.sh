@@ -55,6 +55,8 @@ if [ ! -f "$done_marker" ]; then
   touch "$done_marker"
   # Venvs of older versions of this lock are dead weight (~370 MB each).
   find "$cache_root" -mindepth 1 -maxdepth 1 -type d -name "airflow-$flavour-*" ! -name "airflow-$flavour-$key" -exec rm -rf {} +
+  # So are those of the time there was one lock, named airflow-<key>.
+  find "$cache_root" -mindepth 1 -maxdepth 1 -type d -regextype posix-extended -regex '.*/airflow-[0-9a-f]{12}' -exec rm -rf {} +
   echo "airflow: installed in $(( $(date +%s) - start ))s" >&2
 fi
 echo "$venv/bin/python"

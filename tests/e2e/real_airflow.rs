@@ -2,7 +2,8 @@
 //! executor on SQLite) runs a DAG with a deferrable sensor and a task that goes quiet for
 //! longer than `--settle`, with its own remote logging to MinIO, while localship ships its log
 //! folder. Read back through Airflow's own HTTP log endpoint (what the UI calls), and from
-//! the bucket, every line is there once. Once with Airflow 2.10, once with Airflow 3.
+//! the bucket, every line is there once, the lines Airflow 2 writes into a log during its own
+//! upload included. Once with Airflow 2.10, once with Airflow 3.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,9 @@ async fn standalone_beside_localship(version: Airflow) -> Result<()> {
     minio.create_bucket(BUCKET).await?;
     let mut airflow = Standalone::start(version, &minio, REMOTE_BASE)?;
     std::fs::create_dir_all(airflow.logs_dir())?;
-    let extra = ["--airflow-remote-logging=on"];
+    // Longer than any quiet spell of the DAG's tasks; Airflow 2 logs lines into the task's
+    // file during its own upload, which only localship ships, finished after this.
+    let extra = ["--airflow-remote-logging=on", "--final-after=20s"];
     let mut shipper = ShipperAgent::standalone(&minio, &airflow.logs_dir(), REMOTE_BASE, &extra)?;
     shipper.start().await?;
 
@@ -59,9 +62,10 @@ async fn standalone_beside_localship(version: Airflow) -> Result<()> {
         run.state
     );
 
-    // Airflow uploaded each log at its end; localship's side keys go once they are covered.
+    // Airflow uploaded each log at its end; localship's side keys go once they are covered,
+    // or once the log is final.
     let task_prefix = format!("logs/dag_id={DAG}/run_id={RUN}/");
-    wait_for("no side key left", Duration::from_secs(60), || async {
+    wait_for("no side key left", Duration::from_secs(90), || async {
         let keys = minio.list_keys(BUCKET).await?;
         let left = keys
             .iter()
@@ -81,17 +85,29 @@ async fn standalone_beside_localship(version: Airflow) -> Result<()> {
         sides.lock().unwrap()
     );
 
-    // What Airflow's reader returns: each stored line once.
+    // What Airflow's reader returns: each stored line once, and every line still in a local
+    // file among them (Airflow 3 empties a file it uploaded; Airflow 2 keeps it).
     for key in minio.list_keys(BUCKET).await? {
         if !key.starts_with(&task_prefix) {
             continue;
         }
         let bytes = minio.get_object(BUCKET, &key).await?.unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes);
-        let repeated = repeated(text.lines().filter(|l| !l.trim().is_empty()));
+        let stored: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let repeated = repeated(stored.iter().copied());
         ensure!(
             repeated.is_empty(),
             "{key} holds these lines more than once: {repeated:#?}"
+        );
+        let local = airflow.logs_dir().join(key.trim_start_matches("logs/"));
+        let local = std::fs::read_to_string(&local).unwrap_or_default();
+        let missing: Vec<&str> = local
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !stored.contains(l))
+            .collect();
+        ensure!(
+            missing.is_empty(),
+            "{key} lacks lines of the local log: {missing:#?}"
         );
     }
 
