@@ -308,7 +308,8 @@ mod tests {
         // Worker 1 wrote A and B with a quiet spell between; Airflow uploads at the end.
         // Whatever we saw and wrote before, the key ends with each line once.
         let file = [A, B].concat();
-        let appends: [fn(Option<&[u8]>, &[u8]) -> Vec<u8>; 2] = [airflow_append, airflow3_append];
+        type Append = fn(Option<&[u8]>, &[u8]) -> Vec<u8>;
+        let appends: [Append; 2] = [airflow_append, airflow3_append];
         for (object, append) in [None, Some(A.to_vec()), Some(file.clone())]
             .into_iter()
             .flat_map(|o| appends.map(|a| (o.clone(), a)))

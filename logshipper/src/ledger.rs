@@ -47,6 +47,10 @@ pub struct Record {
     pub version_id: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub shipped_at_ms: u64,
+    /// Under a side key (see `alongside`): SHA-256 of what the side key holds, the part of
+    /// the file Airflow's object lacked, so an unchanged part is not written again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_sha256: Option<String>,
 }
 
 impl Record {
@@ -269,6 +273,8 @@ fn store_error(path: &Path, e: impl Into<redb::Error>) -> LedgerError {
     }
 }
 
+// Nearly every message is a record; boxing it would only add an allocation to each.
+#[allow(clippy::large_enum_variant)]
 enum Pending {
     Record {
         source: String,
@@ -331,6 +337,7 @@ mod tests {
             etag: Some("\"etag\"".into()),
             version_id: None,
             shipped_at_ms: 1,
+            part_sha256: None,
         }
     }
 

@@ -580,7 +580,7 @@ impl<D: Destination> Pipeline<D> {
     fn count_shipped(&mut self, relative: &str, how: How, size: u64, elapsed: Duration) {
         let kind = log_kind(relative).label();
         match how {
-            How::Unchanged => {
+            How::Unchanged | How::SideKept => {
                 self.summary.unchanged += 1;
                 self.metrics.skipped.with_label_values(&["unchanged"]).inc();
                 return;

@@ -138,6 +138,7 @@ mod tests {
             etag: None,
             version_id: None,
             shipped_at_ms: 0,
+            part_sha256: None,
         }
     }
 

@@ -70,7 +70,7 @@ pub struct Shipped {
 impl Shipped {
     /// Written under a side key: visible, but to be finished once the log is final.
     pub fn provisional(&self) -> bool {
-        self.how == How::Side
+        matches!(self.how, How::Side | How::SideKept)
     }
 }
 
@@ -88,6 +88,8 @@ pub enum How {
     Unchanged,
     /// What Airflow's object lacks, written under this writer's side key until the log is final.
     Side,
+    /// As `Side`, the side key already holding that part: nothing written.
+    SideKept,
     /// Airflow's object held a repeated copy of the file's beginning, now written without it.
     Repaired,
 }
@@ -304,9 +306,28 @@ async fn ship_alongside<D: Destination>(
             }
             Decision::Remainder { covered, .. } => {
                 let part = file.slice(covered..);
-                let info = dest.put_bytes(&side, part, Precondition::Always).await?;
-                let info = info.expect("an unconditional write writes");
-                let outcome = record(ctx, job, content, stat, side, How::Side, info).await?;
+                let part_sha = sha256_hex(&part);
+                let there = previous.filter(|r| {
+                    r.key == side && r.part_sha256.as_deref() == Some(part_sha.as_str())
+                });
+                let (how, info) = match there {
+                    // Looked at again, nothing new: the side key already holds the part.
+                    Some(r) => {
+                        let info = ObjectInfo {
+                            size: part.len() as u64,
+                            sha256: Some(part_sha),
+                            etag: r.etag.clone(),
+                            version_id: r.version_id.clone(),
+                            confirmed: false,
+                        };
+                        (How::SideKept, info)
+                    }
+                    None => {
+                        let info = dest.put_bytes(&side, part, Precondition::Always).await?;
+                        (How::Side, info.expect("an unconditional write writes"))
+                    }
+                };
+                let outcome = record(ctx, job, content, stat, side, how, info).await?;
                 return Ok(Some(outcome));
             }
         };
@@ -354,12 +375,16 @@ async fn gone<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome> {
     Ok(Outcome::Gone)
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// What an empty log is recorded as shipped with: no bytes, no object.
 fn nothing() -> ObjectInfo {
-    use sha2::{Digest, Sha256};
     ObjectInfo {
         size: 0,
-        sha256: Some(hex::encode(Sha256::digest(b""))),
+        sha256: Some(sha256_hex(b"")),
         etag: None,
         version_id: None,
         confirmed: false,
@@ -374,8 +399,7 @@ async fn whole(content: &LocalContent) -> Result<Option<Bytes>> {
         path: content.path.clone(),
         source,
     })?;
-    use sha2::{Digest, Sha256};
-    let same = hex::encode(Sha256::digest(&data)) == content.sha256;
+    let same = sha256_hex(&data) == content.sha256;
     Ok(same.then(|| Bytes::from(data)))
 }
 
@@ -395,6 +419,9 @@ async fn record<D: Destination>(
         destination: ctx.destination.id().to_owned(),
         key: key.clone(),
         etag: info.etag,
+        part_sha256: matches!(how, How::Side | How::SideKept)
+            .then_some(info.sha256)
+            .flatten(),
         version_id: info.version_id,
         shipped_at_ms: now_ms(),
     };
@@ -722,6 +749,11 @@ mod tests {
             None,
             "the log's key is Airflow's until the log is final"
         );
+        // Looked at again with nothing new: the side key is not written again.
+        std::fs::remove_file(s.ctx.destination.root().join(s.side())).unwrap();
+        assert_eq!(s.shipped(stat).await.how, How::SideKept);
+        assert_eq!(s.object(&s.side()), None);
+        std::fs::write(s.ctx.destination.root().join(s.side()), b"a1\n").unwrap();
         // Airflow uploaded the first part at a deferral; only the rest goes beside it.
         s.write_object(REL, b"a1\n");
         let stat = s.write_local(b"a1\nb1\n");
@@ -820,6 +852,7 @@ mod tests {
             etag: Some("\"e-3\"".into()),
             version_id: None,
             shipped_at_ms: 1,
+            part_sha256: None,
         };
         let object = ObjectInfo {
             size: 10,
