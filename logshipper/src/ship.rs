@@ -284,8 +284,18 @@ async fn ship_alongside<D: Destination>(
             .clone()
             .map_or(Precondition::Absent, Precondition::Unchanged);
         let (how, written) = match alongside::decide(object.as_deref(), &file) {
-            // Nothing to hold: an empty log (Airflow 3 creates it before the first line).
-            Decision::Covered if info.is_none() => (How::AlreadyThere, Some(nothing())),
+            // An empty log: Airflow 3 creates the file before its first line. Once final (a
+            // task killed before it logged), an empty object shows an empty log rather than
+            // none; Airflow's append to an empty object adds no separator.
+            Decision::Covered if info.is_none() && job.finished => (
+                How::Uploaded,
+                dest.put_bytes(&key, Bytes::new(), when).await?,
+            ),
+            // Until then there is nothing to show: looked at again like a side key's part.
+            Decision::Covered if info.is_none() => {
+                let outcome = record(ctx, job, content, stat, side, How::SideKept, nothing());
+                return Ok(Some(outcome.await?));
+            }
             Decision::Covered => (How::AlreadyThere, info),
             Decision::Repair(fixed) => {
                 tracing::info!(
@@ -763,15 +773,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn beside_airflow_an_empty_log_needs_no_object() {
+    async fn beside_airflow_an_empty_log_needs_no_object_until_final() {
         let s = Setup::alongside();
         let stat = s.write_local(b"");
         let shipped = s.shipped(stat).await;
-        assert_eq!(
-            (shipped.how, shipped.key.as_str()),
-            (How::AlreadyThere, REL)
-        );
+        assert_eq!((shipped.how, &shipped.key), (How::SideKept, &s.side()));
+        assert!(shipped.provisional(), "looked at again until final");
         assert_eq!((s.object(REL), s.object(&s.side())), (None, None));
+        // Final and still empty (killed before its first line): an empty log, not none.
+        let shipped = s.ship_final(stat).await;
+        assert_eq!((shipped.how, shipped.key.as_str()), (How::Uploaded, REL));
+        assert_eq!(s.object(REL).unwrap(), b"");
     }
 
     #[tokio::test]

@@ -197,11 +197,11 @@ fn write_atomically(target: &Path, content: &LocalContent) -> io::Result<Option<
 /// right, syncs it and renames it into place. Whether it did.
 fn persist(target: &Path, fill: impl FnOnce(&mut File) -> io::Result<bool>) -> io::Result<bool> {
     let dir = target.parent().expect("an object path has a parent");
-    let name = target.file_name().expect("an object path has a name");
     std::fs::create_dir_all(dir)?;
+    // A name of its own, not the object's: any name the filesystem allows (255 bytes) must fit.
     let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", name.to_string_lossy()))
-        .suffix(".localship-tmp")
+        .prefix(".localship-")
+        .suffix(".tmp")
         .tempfile_in(dir)?;
     if !fill(tmp.as_file_mut())? {
         return Ok(false);
@@ -253,6 +253,29 @@ mod tests {
             data: None,
             parts: None,
         }
+    }
+
+    #[tokio::test]
+    async fn an_object_named_as_long_as_the_filesystem_allows_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = FileDestination::new(&dir.path().join("out")).unwrap();
+        let name = format!("attempt=1.log.{}", "x".repeat(255 - 14));
+        let key = format!("dag_id=a/{name}");
+        let written = dest
+            .put_bytes(&key, Bytes::from_static(b"long\n"), Precondition::Absent)
+            .await
+            .unwrap();
+        assert!(written.is_some());
+        assert_eq!(
+            std::fs::read(dir.path().join("out").join(&key)).unwrap(),
+            b"long\n"
+        );
+        let content = content(dir.path(), b"longer\n");
+        dest.put(&key, &content).await.unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("out").join(&key)).unwrap(),
+            b"longer\n"
+        );
     }
 
     #[tokio::test]
