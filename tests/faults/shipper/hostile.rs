@@ -41,8 +41,33 @@ pub async fn run() -> Result<Tally> {
     files(&minio, &mut rows).await?;
     missing_bucket(&minio, &mut rows).await?;
     refused(&minio, &mut rows).await?;
+    long_name_to_a_folder(&minio, &mut rows).await?;
     super::rewritten::run(&minio, &mut rows).await?;
     Ok(rows.0)
+}
+
+/// A log whose name is as long as the filesystem allows, shipped to a `file://` archive,
+/// where the object's temporary file used to be named after it, and too long.
+async fn long_name_to_a_folder(minio: &Minio, rows: &mut Rows) -> Result<()> {
+    let source = scratch_dir("long-name-logs")?;
+    let archive = scratch_dir("long-name-archive")?;
+    let name = format!("attempt=1.log.trigger.{}.log", "7".repeat(229));
+    let relative = format!("{RUN}/task_id=long/{name}");
+    write_log(&source, &relative, b"a log with a long name\n")?;
+    let dest = format!("file://{}", archive.display());
+    let shipper = ShipperAgent::standalone(minio, &source, &dest, &["--settle=0s"])?;
+    let ran = shipper.once(&[]);
+    let got = std::fs::read(archive.join(&relative)).ok();
+    rows.row(
+        "a 255-byte log name to file://",
+        ran.is_ok() && got.as_deref() == Some(b"a log with a long name\n".as_slice()),
+        &format!(
+            "{}-byte name: --once {ran:?}, archived {:?} bytes",
+            name.len(),
+            got.map(|g| g.len())
+        ),
+    );
+    Ok(())
 }
 
 /// Hostile files among good logs in one source, under one daemon.
