@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::mpsc::sync_channel;
 
@@ -99,14 +99,46 @@ fn open_at(root: &Path, relative: &str, extra: OFlag) -> Result<File, OpenError>
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
     match nix::fcntl::openat2(dir.as_fd(), relative, how) {
         Ok(fd) => Ok(File::from(fd)),
-        // Kernels before 5.6: refuse a symlink as the last component at least.
-        Err(Errno::ENOSYS) => std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags((OFlag::O_NOFOLLOW | extra).bits())
-            .open(root.join(relative))
-            .map_err(|e| open_error(e, Errno::UnknownErrno)),
+        // Kernels before 5.6 (or a seccomp profile without openat2).
+        Err(Errno::ENOSYS) => open_by_components(dir, relative, flags),
         Err(errno) => Err(open_error(io::Error::from(errno), errno)),
     }
+}
+
+/// What `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` does, one directory at a time:
+/// every component is opened with `O_NOFOLLOW` relative to the one before, so no symlink is
+/// followed anywhere on the path, and `..` is refused.
+fn open_by_components(root: File, relative: &str, flags: OFlag) -> Result<File, OpenError> {
+    let parts: Vec<&str> = relative
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    let Some((last, dirs)) = parts.split_last() else {
+        return Ok(root);
+    };
+    let step = |dir: &File, name: &str, flags: OFlag| -> Result<File, OpenError> {
+        if name == ".." {
+            return Err(OpenError::Symlink);
+        }
+        match nix::fcntl::openat(dir.as_fd(), name, flags, nix::sys::stat::Mode::empty()) {
+            Ok(fd) => Ok(File::from(fd)),
+            // A link where a directory must be fails as "not a directory": say what it is.
+            Err(Errno::ENOTDIR) if is_symlink_at(dir, name) => Err(OpenError::Symlink),
+            Err(errno) => Err(open_error(io::Error::from(errno), errno)),
+        }
+    };
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY;
+    let mut dir = root;
+    for name in dirs {
+        dir = step(&dir, name, dir_flags)?;
+    }
+    step(&dir, last, flags)
+}
+
+fn is_symlink_at(dir: &File, name: &str) -> bool {
+    use nix::sys::stat::SFlag;
+    fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits())
 }
 
 fn open_error(err: io::Error, errno: Errno) -> OpenError {
@@ -346,6 +378,31 @@ mod tests {
             open_beneath(dir.path(), "a/link/attempt=1.log"),
             Err(OpenError::Symlink)
         ));
+    }
+
+    #[test]
+    fn without_openat2_each_component_is_opened_without_following_links() {
+        let dir = tree();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("a/b/attempt=2.log")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("a/b"), dir.path().join("a/link")).unwrap();
+        let open = |relative: &str| {
+            let root = File::open(dir.path()).unwrap();
+            open_by_components(root, relative, OFlag::O_RDONLY | OFlag::O_NOFOLLOW)
+        };
+        let mut file = open("a/b/attempt=1.log").unwrap();
+        let mut text = String::new();
+        io::Read::read_to_string(&mut file, &mut text).unwrap();
+        assert_eq!(text, "hello\n");
+        assert!(matches!(open("a/b/attempt=2.log"), Err(OpenError::Symlink)));
+        assert!(matches!(
+            open("a/link/attempt=1.log"),
+            Err(OpenError::Symlink)
+        ));
+        assert!(matches!(
+            open("a/../a/b/attempt=1.log"),
+            Err(OpenError::Symlink)
+        ));
+        assert!(matches!(open("a/b/attempt=9.log"), Err(OpenError::Gone)));
     }
 
     #[test]
