@@ -1,9 +1,10 @@
 //! Fault suite: kills, outages and hostile inputs against the real servers,
 //! with the invariants checked after each. Runs as part of `cargo test`
 //! (plain binary, no libtest) and ends with one table of tallies; it exits
-//! non-zero when any invariant broke. `cargo test --release --test faults --
+//! non-zero when any invariant broke. `cargo test --release -p localship-tests --test faults --
 //! <word>` runs only the scenarios whose name contains <word>.
 
+mod jitter;
 mod provisioner;
 mod report;
 mod shipper;

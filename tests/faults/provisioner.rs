@@ -6,7 +6,6 @@
 mod audit;
 mod burst;
 mod hostile;
-mod jitter;
 mod outage;
 
 use crate::report::Scenario;

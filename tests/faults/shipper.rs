@@ -48,38 +48,6 @@ fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Seeded xorshift64*, so a failing run can be replayed with `LOCALSHIP_FAULT_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    /// The seed from `LOCALSHIP_FAULT_SEED`, else from the clock; printed either way.
-    fn from_env() -> Self {
-        let seed = std::env::var("LOCALSHIP_FAULT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            })
-            .max(1);
-        eprintln!("  seed {seed} (LOCALSHIP_FAULT_SEED={seed} replays it)");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in `[low, high)`.
-    fn range(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next() % (high - low)
-    }
-}
-
 /// SHA-256 of each log's final bytes, by path relative to the source.
 fn hashes(logs: &Logs) -> BTreeMap<String, String> {
     logs.iter().map(|(r, b)| (r.clone(), sha256(b))).collect()

@@ -13,7 +13,7 @@ use localship_tests::claims::{phase, provisioner_name, pvs_in, storage_class};
 use localship_tests::{control_plane, ProvisionerAgent};
 
 use super::audit::{audit, burst, delete_all, start_agents, wait_all_gone, wait_settled};
-use super::jitter::Jitter;
+use crate::jitter::Jitter;
 use crate::report::Tally;
 
 const CLAIMS: usize = 200;

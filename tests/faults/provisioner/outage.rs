@@ -11,7 +11,7 @@ use localship_tests::claims::{
 use localship_tests::{control_plane, wait_for};
 
 use super::audit::{audit, burst, delete_all, start_agents, wait_all_gone, wait_settled};
-use super::jitter::Jitter;
+use crate::jitter::Jitter;
 use crate::report::Tally;
 
 const CLAIMS: usize = 60;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use localship_tests::{scratch_dir, Minio, ShipperAgent};
 
-use super::{compare_hashes, dest, hashes, key, sha256, write_log, Logs, Rng, BUCKET};
+use super::{compare_hashes, dest, hashes, key, sha256, write_log, Logs, BUCKET};
+use crate::jitter::Jitter;
 use crate::report::Tally;
 
 const ROUNDS: u64 = 20;
@@ -21,7 +22,7 @@ const LARGE_MIB: (u64, u64) = (17, 33);
 const FINISH_TIMEOUT: Duration = Duration::from_secs(180);
 
 pub async fn run() -> Result<Tally> {
-    let mut rng = Rng::from_env();
+    let mut rng = Jitter::new("shipper kill -9");
     let minio = Minio::start().await?;
     minio.create_bucket(BUCKET).await?;
     let source = scratch_dir("kill9-logs")?;
@@ -193,7 +194,7 @@ fn now_ms() -> i64 {
 }
 
 /// A small finished task log of a few hundred bytes to a few hundred KiB.
-fn new_small(root: &Path, logs: &mut Logs, rng: &mut Rng, relative: &str) -> Result<()> {
+fn new_small(root: &Path, logs: &mut Logs, rng: &mut Jitter, relative: &str) -> Result<()> {
     let size = rng.range(200, 300 << 10) as usize;
     let bytes = lines(relative, size);
     write_log(root, relative, &bytes)?;

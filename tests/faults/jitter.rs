@@ -1,5 +1,5 @@
-//! Random delays for fault injection, replayable from a printed seed
-//! (`LOCALSHIP_FAULTS_SEED`). xorshift64* is plenty for picking delays.
+//! Random choices for fault injection (delays, sizes, which file), replayable from a
+//! printed seed: `LOCALSHIP_FAULTS_SEED` replays every scenario. xorshift64* is plenty.
 
 use std::time::Duration;
 
@@ -35,6 +35,11 @@ impl Jitter {
     /// A number in `0..n`.
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
+    }
+
+    /// Uniform in `[low, high)`.
+    pub fn range(&mut self, low: u64, high: u64) -> u64 {
+        low + self.below(high.saturating_sub(low))
     }
 
     /// A delay between `lo` and `hi` milliseconds.
