@@ -1,13 +1,13 @@
 //! Airflow's own S3 log reader (the code its UI runs, from a pinned venv)
-//! finds objects at the keys localship writes and returns their text as put:
+//! finds the logs localship ships at the keys it writes them to, and returns
+//! their text as written:
 //! mapped tasks, retries, run ids with `:` and `+`, triggerer siblings, UTF-8.
 
 use anyhow::Result;
 use localship_tests::airflow::read_with_airflow;
-use localship_tests::Minio;
+use localship_tests::{scratch_dir, Minio, ShipperAgent};
 
 const BUCKET: &str = "airflow";
-const PREFIX: &str = "logs";
 const REMOTE_BASE: &str = "s3://airflow/logs";
 
 const MANUAL: &str = "dag_id=etl/run_id=manual__2024-05-01T10:00:00+00:00";
@@ -47,14 +47,17 @@ async fn airflow_s3_reader_finds_every_key_localship_writes() -> Result<()> {
         (&deferred, vec![&deferred, &trigger]),
     ];
 
+    // Written as a worker writes them, shipped by localship.
     let minio = Minio::start().await?;
     minio.create_bucket(BUCKET).await?;
+    let source = scratch_dir("reader-logs")?;
     for (relative, text) in &objects {
-        let key = format!("{PREFIX}/{relative}");
-        minio
-            .put_object(BUCKET, &key, text.as_bytes().to_vec())
-            .await?;
+        let path = source.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        std::fs::write(path, text)?;
     }
+    let shipper = ShipperAgent::standalone(&minio, &source, REMOTE_BASE, &["--settle=0s"])?;
+    shipper.once(&[])?;
     let text_of = |relative: &String| -> String {
         let (_, text) = objects.iter().find(|(r, _)| *r == relative).unwrap();
         text.to_string()
