@@ -212,8 +212,17 @@ async fn a_minio_outage_backs_up_logs_and_they_all_ship_after_it() -> Result<()>
         std::fs::write(&path, &text)?;
         tree.insert(rel, text.into_bytes());
     }
-    // Settle passes while MinIO is down; the daemon must hold, not drop.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Every log settles while MinIO is down; the daemon must hold them, not drop them.
+    wait_for(
+        "the daemon to hold the 20 logs",
+        Duration::from_secs(30),
+        || async {
+            let held = daemon.metric("localship_logshipper_backlog_files")?;
+            let up = daemon.metric("localship_logshipper_destination_up")?;
+            Ok((held == Some(20.0) && up == Some(0.0)).then_some(()))
+        },
+    )
+    .await?;
     daemon.check_running()?;
     minio.resume().await?;
     wait_for("the backlog to drain", Duration::from_secs(120), || async {

@@ -334,7 +334,16 @@ async fn config_reload_takes_effect_without_restart() -> Result<()> {
 
     // A broken edit is refused and the old config stays in force.
     std::fs::write(&config, "{ not json")?;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    wait_for(
+        "the agent to refuse the edit",
+        Duration::from_secs(10),
+        || async {
+            let m = agent.metrics()?;
+            Ok(m.contains(r#"config_reloads_total{result="error"} 1"#)
+                .then_some(()))
+        },
+    )
+    .await?;
     write(&second)?;
     wait_for(
         "the agent to count the reload",
