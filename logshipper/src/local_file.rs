@@ -243,7 +243,7 @@ pub fn hash_in_parts(
 
 /// Feeds the first `len` bytes of `file` to `sink` in chunks, reading by offset so several
 /// readers can share one open file. A large file is read one chunk ahead on a second
-/// thread, so copying from the page cache and hashing overlap (2 GiB: 2.9 s → 1.7 s).
+/// thread, so copying from the page cache and hashing overlap (BENCHMARKS.md, S2).
 pub fn copy_prefix(
     file: &File,
     len: u64,

@@ -1,7 +1,7 @@
 //! A recursive inotify watch over one source root: one watch per directory, remembered as
 //! descriptor → (parent, name), so a directory costs a few dozen bytes and a path is built
-//! only when an event needs it. At 101,000 directories this holds about 7 MiB where a
-//! path-keyed watcher held 18. Directories are watched by the scan's walk as it reaches
+//! only when an event needs it: well under half of what a path-keyed watcher holds
+//! (BENCHMARKS.md, P3). Directories are watched by the scan's walk as it reaches
 //! them, so the tree is listed once, not once for the walk and once for the watch.
 
 use std::collections::HashMap;

@@ -1,7 +1,7 @@
 //! Files already shipped or skipped, as they looked then, so that seeing one again on a
 //! rescan costs a hash lookup instead of a ledger read. A node keeps hundreds of thousands of
 //! task logs: each is remembered as 24 bytes (a 64-bit hash of its path and its stat), not as
-//! its path, which keeps the set near 5 MiB at 100k files instead of 25 MiB.
+//! its path: a fifth of the memory (BENCHMARKS.md, P3).
 //!
 //! A hash collision can only make a file look unchanged if its size and modification time
 //! (in nanoseconds) are also equal to the other file's; the ledger is still the record of

@@ -66,7 +66,7 @@ impl S3Destination {
 
     /// Uploads a file while it is being hashed: each part goes as soon as the read that
     /// hashes the file has passed it, so sending starts at once instead of after a whole
-    /// read (2 GiB: 1.7 s). The SHA-256 is known only at the end, too late for the object's
+    /// read (measured in BENCHMARKS.md, S2). The SHA-256 is known only at the end, too late for the object's
     /// metadata; it goes to the ledger, which tells the object by its ETag.
     pub(super) async fn put_multipart_hashing(
         &self,
