@@ -149,6 +149,12 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", env = "LOCALSHIP_MULTIPART_THRESHOLD", default_value = "16MiB", value_parser = parse_size)]
     pub multipart_threshold: u64,
 
+    /// Logs larger than this are not shipped: a warning, and `skipped_total{reason="too_large"}`.
+    /// A log with more than 1 MiB of holes (bytes never written, e.g. `truncate -s 4T`) is
+    /// refused the same way (`reason="sparse"`), before a byte of it is read.
+    #[arg(long, value_name = "SIZE", env = "LOCALSHIP_MAX_FILE_SIZE", default_value = "4GiB", value_parser = parse_size)]
+    pub max_file_size: u64,
+
     /// Size of each part of a multipart upload (at least 5MiB, grown for files that would
     /// need more than 10,000 parts).
     #[arg(long, value_name = "SIZE", env = "LOCALSHIP_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]

@@ -89,6 +89,10 @@ pub enum SkipReason {
     InvalidName,
     NotRegular,
     Unreadable,
+    /// Larger than `--max-file-size`.
+    TooLarge,
+    /// More than a little of it is holes: bytes the pod never wrote (`truncate -s 4T`).
+    Sparse,
 }
 
 impl SkipReason {
@@ -99,6 +103,8 @@ impl SkipReason {
             SkipReason::InvalidName => "invalid_name",
             SkipReason::NotRegular => "not_regular",
             SkipReason::Unreadable => "unreadable",
+            SkipReason::TooLarge => "too_large",
+            SkipReason::Sparse => "sparse",
         }
     }
 }

@@ -181,6 +181,7 @@ pub async fn run_with<D: Destination>(
         recorder: ledger.recorder(),
         ledger,
         alongside,
+        max_file_size: args.max_file_size,
     });
     let (ok_tx, ok_rx) = watch::channel(false);
     let recheck = Arc::new(Notify::new());

@@ -27,7 +27,12 @@ pub struct Context<D> {
     pub recorder: Recorder,
     /// Airflow's remote logging uploads these logs too: ship by `alongside`'s rule.
     pub alongside: Option<Alongside>,
+    /// Larger files are not shipped (`--max-file-size`).
+    pub max_file_size: u64,
 }
+
+/// Holes a log may have before it counts as sparse: a log is written, never seeked past.
+const MAX_HOLES: u64 = 1 << 20;
 
 /// Shipping beside Airflow's own uploads.
 #[derive(Clone, Debug)]
@@ -118,6 +123,18 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
     };
     if stat != job.expected {
         return Ok(Outcome::Changed(stat));
+    }
+    // Refused before a byte is read: a runaway log, or terabytes of holes it costs the pod
+    // nothing to make.
+    if stat.size > ctx.max_file_size {
+        return Ok(Outcome::Skipped(SkipReason::TooLarge));
+    }
+    if hole_bytes(&file, stat.size).map_err(|source| Error::Read {
+        path: path.clone(),
+        source,
+    })? > MAX_HOLES
+    {
+        return Ok(Outcome::Skipped(SkipReason::Sparse));
     }
     let file = Arc::new(file);
     let dest = &ctx.destination;
@@ -413,6 +430,32 @@ async fn whole(content: &LocalContent) -> Result<Option<Bytes>> {
     Ok(same.then(|| Bytes::from(data)))
 }
 
+/// How many of the first `size` bytes of `file` are holes (never written, not stored).
+fn hole_bytes(file: &File, size: u64) -> std::io::Result<u64> {
+    use nix::unistd::{lseek, Whence};
+    let (mut at, mut holes) = (0i64, 0u64);
+    let size = size as i64;
+    while at < size {
+        let hole = match lseek(file, at, Whence::SeekHole) {
+            Ok(hole) => hole,
+            // A filesystem without hole reporting: nothing to count.
+            Err(nix::errno::Errno::EINVAL) => return Ok(holes),
+            Err(errno) => return Err(errno.into()),
+        };
+        if hole >= size {
+            break;
+        }
+        let data = match lseek(file, hole, Whence::SeekData) {
+            Ok(data) => data.min(size),
+            Err(nix::errno::Errno::ENXIO) => size,
+            Err(errno) => return Err(errno.into()),
+        };
+        holes += (data - hole) as u64;
+        at = data;
+    }
+    Ok(holes)
+}
+
 /// Commits the shipment to the ledger; it counts as shipped once this returns.
 async fn record<D: Destination>(
     ctx: &Context<D>,
@@ -571,6 +614,7 @@ mod tests {
                 recorder: ledger.recorder(),
                 ledger,
                 alongside: None,
+                max_file_size: u64::MAX,
             };
             let source = Arc::new(Source::new(&dir.path().join("logs")).unwrap());
             Self {
@@ -612,6 +656,10 @@ mod tests {
 
         async fn ship(&self, expected: FileStat) -> Outcome {
             self.ship_as(expected, false).await
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            self.source.root.join(REL)
         }
 
         async fn ship_final(&self, expected: FileStat) -> Shipped {
@@ -724,6 +772,29 @@ mod tests {
         s.ctx.ledger.remove(&s.source.id, REL).unwrap();
         let again = s.shipped(stat).await;
         assert_eq!((again.how, again.key), (How::Conflict, shipped.key));
+    }
+
+    #[tokio::test]
+    async fn sparse_and_oversized_files_are_refused_before_they_are_read() {
+        let mut s = Setup::new();
+        s.write_local(b"");
+        let file = std::fs::File::options().write(true).open(s.path()).unwrap();
+        file.set_len(4 << 40).unwrap();
+        let stat = FileStat::of(&file.metadata().unwrap());
+        assert_eq!(s.ship(stat).await, Outcome::Skipped(SkipReason::Sparse));
+        assert_eq!(s.object(REL), None);
+        // A small hole is not refused; a file over the limit is.
+        s.write_local(b"x");
+        let file = std::fs::File::options().write(true).open(s.path()).unwrap();
+        file.set_len(64 << 10).unwrap();
+        let stat = FileStat {
+            size: 64 << 10,
+            ..FileStat::of(&file.metadata().unwrap())
+        };
+        assert!(matches!(s.ship(stat).await, Outcome::Shipped(_)));
+        s.ctx.max_file_size = 1024;
+        let stat = s.write_local(&[b'a'; 2048]);
+        assert_eq!(s.ship(stat).await, Outcome::Skipped(SkipReason::TooLarge));
     }
 
     #[tokio::test]

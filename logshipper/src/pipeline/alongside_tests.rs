@@ -41,6 +41,7 @@ async fn start(final_after: Duration) -> Running {
         alongside: Some(Alongside {
             host: "node-a".into(),
         }),
+        max_file_size: u64::MAX,
     });
     let settings = Settings {
         settle: Duration::from_millis(200),

@@ -29,6 +29,7 @@ async fn a_backlog_ten_times_the_cap_ships_whole_and_the_daemon_is_ready_meanwhi
         recorder: ledger.recorder(),
         ledger,
         alongside: None,
+        max_file_size: u64::MAX,
     });
     let settings = Settings {
         settle: Duration::from_millis(300),

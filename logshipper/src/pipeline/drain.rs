@@ -86,6 +86,7 @@ mod tests {
             recorder: recorder.clone(),
             ledger,
             alongside: None,
+            max_file_size: u64::MAX,
         });
         let settings = Settings {
             settle: HOUR,

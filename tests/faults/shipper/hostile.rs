@@ -110,6 +110,13 @@ async fn files(minio: &Minio, rows: &mut Rows) -> Result<()> {
     let fifo = source.join(format!("{RUN}/task_id=fifo/attempt=1.log"));
     std::fs::create_dir_all(fifo.parent().context("parent")?)?;
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU)?;
+    // 4 TiB of holes: costs the pod no disk, and must cost the shipper no reading.
+    let sparse = format!("{RUN}/task_id=sparse/attempt=1.log");
+    write_log(&source, &sparse, b"")?;
+    std::fs::File::options()
+        .write(true)
+        .open(source.join(&sparse))?
+        .set_len(4 << 40)?;
     // Still being written: appended every 200ms for 4s, with --settle=1s.
     let growing = format!("{RUN}/task_id=growing/attempt=1.log");
     write_log(&source, &growing, b"started\n")?;
@@ -170,6 +177,12 @@ async fn files(minio: &Minio, rows: &mut Rows) -> Result<()> {
         "hard link to a file outside the source",
         object(&hard).await?.as_deref() == Some(b"hard-linked log\n".as_slice()),
         "ships as the regular file it is, under its name in the source",
+    );
+    let sparse_skipped = skipped("sparse")?;
+    rows.row(
+        "a 4 TiB sparse log",
+        sparse_skipped >= 1.0 && !keys.iter().any(|k| k.contains("task_id=sparse")),
+        &format!("refused unread: skipped_total{{reason=\"sparse\"}} {sparse_skipped}, no key"),
     );
     let non_utf8 = skipped("non_utf8")?;
     rows.row(
