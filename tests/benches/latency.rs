@@ -106,7 +106,7 @@ async fn main() -> Result<()> {
         println!("| measure | latency s | {name} s (anchor) | ratio  | over anchor ms |");
         println!(
             "|---------|-----------|{}|--------|----------------|",
-            "-".repeat(name.len() + 14)
+            "-".repeat(name.len() + 13)
         );
         for (row, d) in [
             ("p50", pct(&latencies, 50.0)),
