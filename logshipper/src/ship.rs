@@ -126,15 +126,15 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
     }
     // Refused before a byte is read: a runaway log, or terabytes of holes it costs the pod
     // nothing to make.
-    if stat.size > ctx.max_file_size {
-        return Ok(Outcome::Skipped(SkipReason::TooLarge));
-    }
     if hole_bytes(&file, stat.size).map_err(|source| Error::Read {
         path: path.clone(),
         source,
     })? > MAX_HOLES
     {
         return Ok(Outcome::Skipped(SkipReason::Sparse));
+    }
+    if stat.size > ctx.max_file_size {
+        return Ok(Outcome::Skipped(SkipReason::TooLarge));
     }
     let file = Arc::new(file);
     let dest = &ctx.destination;
