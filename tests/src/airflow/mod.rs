@@ -92,30 +92,16 @@ pub fn read_with(
     remote_base: &str,
     relative_paths: &[&str],
 ) -> Result<BTreeMap<String, AirflowRead>> {
-    let python = python_of(version)?;
-    let script = airflow_dir().join("read_logs.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .args([
-            "--endpoint",
-            &minio.endpoint(),
-            "--remote-base",
-            remote_base,
-        ])
-        .args(relative_paths)
-        // A developer's session or profile must not leak into MinIO's keys.
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_PROFILE")
-        .envs(minio.aws_env())
-        .output()
-        .with_context(|| format!("run {} {}", python.display(), script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "Airflow's log reader failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let endpoint = minio.endpoint();
+    let mut args = vec!["--endpoint", &endpoint, "--remote-base", remote_base];
+    args.extend(relative_paths);
+    let out = run_script(
+        version,
+        "read_logs.py",
+        &args,
+        minio,
+        "Airflow's log reader",
+    )?;
     let reads: BTreeMap<String, AirflowRead> =
         serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
@@ -144,22 +130,44 @@ pub fn upload_with_airflow(
     relative: &str,
     delete_local_copy: bool,
 ) -> Result<()> {
-    let python = python_of(version)?;
-    let script = airflow_dir().join("upload_log.py");
-    let mut command = Command::new(&python);
-    command.arg(&script).args([
+    let folder = base_log_folder.display().to_string();
+    let mut args = vec![
         "--endpoint",
         endpoint,
         "--remote-base",
         remote_base,
         "--base-log-folder",
-        &base_log_folder.display().to_string(),
-    ]);
+        &folder,
+    ];
     if delete_local_copy {
-        command.arg("--delete-local-copy");
+        args.push("--delete-local-copy");
     }
-    let out = command
-        .arg(relative)
+    args.push(relative);
+    run_script(
+        version,
+        "upload_log.py",
+        &args,
+        minio,
+        "Airflow's log upload",
+    )?;
+    Ok(())
+}
+
+/// Runs `script` of `tests/airflow/` with `version`'s python and `minio`'s credentials; fails
+/// with its stderr, naming it `what`, unless it exits 0.
+fn run_script(
+    version: Airflow,
+    script: &str,
+    args: &[&str],
+    minio: &Minio,
+    what: &str,
+) -> Result<std::process::Output> {
+    let python = python_of(version)?;
+    let script = airflow_dir().join(script);
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        // A developer's session or profile must not leak into MinIO's keys.
         .env_remove("AWS_SESSION_TOKEN")
         .env_remove("AWS_PROFILE")
         .envs(minio.aws_env())
@@ -167,10 +175,10 @@ pub fn upload_with_airflow(
         .with_context(|| format!("run {} {}", python.display(), script.display()))?;
     if !out.status.success() {
         bail!(
-            "Airflow's log upload failed ({}):\n{}",
+            "{what} failed ({}):\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(())
+    Ok(out)
 }
