@@ -4,6 +4,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -20,16 +21,18 @@ use tokio::sync::watch;
 /// `twice`, and is unreachable for its first `down` calls of any kind.
 struct Flaky {
     inner: FileDestination,
-    twice: AtomicU32,
-    down: AtomicU32,
+    /// Uploads refused so far to keys containing `twice`.
+    twice: Arc<AtomicU32>,
+    /// Unreachable answers still to give.
+    down: Arc<AtomicU32>,
 }
 
 impl Flaky {
     fn new(tree: &Tree, down: u32) -> Self {
         Self {
             inner: FileDestination::new(&tree.out()).unwrap(),
-            twice: AtomicU32::new(0),
-            down: AtomicU32::new(down),
+            twice: Arc::new(AtomicU32::new(0)),
+            down: Arc::new(AtomicU32::new(down)),
         }
     }
 
@@ -136,11 +139,18 @@ async fn once_retries_a_failing_file_then_gives_up_on_it_alone() {
     tree.write(&bad, b"never\n");
     let (_stop_tx, stop) = watch::channel(false);
 
-    let summary = run_with(args(&tree, &["--once"]), Flaky::new(&tree, 0), stop)
+    let flaky = Flaky::new(&tree, 0);
+    let refused = flaky.twice.clone();
+    let summary = run_with(args(&tree, &["--once"]), flaky, stop)
         .await
         .unwrap();
 
     assert_eq!((summary.shipped, summary.failed), (1, 1), "{summary}");
+    // The faults happened: `twice` was refused twice before it went through.
+    assert!(
+        refused.load(Ordering::SeqCst) >= 3,
+        "the refusals were not injected"
+    );
     let shipped: Vec<String> = files_under(&tree.out()).into_keys().collect();
     assert_eq!(shipped, vec![good]);
 }
@@ -157,7 +167,9 @@ async fn the_daemon_waits_out_an_unreachable_destination() {
         .unwrap();
     let daemon = args(&tree, &["--metrics-addr", &port.to_string()]);
 
-    let running = tokio::spawn(run_with(daemon, Flaky::new(&tree, 3), stop));
+    let flaky = Flaky::new(&tree, 3);
+    let down = flaky.down.clone();
+    let running = tokio::spawn(run_with(daemon, flaky, stop));
     let target = tree.out().join(&log);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !target.exists() {
@@ -171,5 +183,11 @@ async fn the_daemon_waits_out_an_unreachable_destination() {
     assert_eq!(
         std::fs::read(target).unwrap(),
         b"kept until it can be shipped\n"
+    );
+    // The outage happened: every unreachable answer was given.
+    assert_eq!(
+        down.load(Ordering::SeqCst),
+        0,
+        "the outage was not injected"
     );
 }
