@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -168,6 +168,34 @@ impl Ledger {
             f(relative, self.decode(relative, value.value())?);
         }
         Ok(())
+    }
+
+    /// Removes every record of one source (a volume that is gone); how many there were.
+    pub fn remove_source(&self, source: &str) -> Result<usize, LedgerError> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        let removed = {
+            let mut table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
+            let mut relatives = Vec::new();
+            for item in table
+                .range::<(&str, &str)>((source, "")..)
+                .map_err(|e| self.error(e))?
+            {
+                let (key, _) = item.map_err(|e| self.error(e))?;
+                let (key_source, relative) = key.value();
+                if key_source != source {
+                    break;
+                }
+                relatives.push(relative.to_owned());
+            }
+            for relative in &relatives {
+                table
+                    .remove((source, relative.as_str()))
+                    .map_err(|e| self.error(e))?;
+            }
+            relatives.len()
+        };
+        txn.commit().map_err(|e| self.error(e))?;
+        Ok(removed)
     }
 
     /// Writes records in one durable commit.
@@ -401,6 +429,11 @@ mod tests {
         ledger.remove("/v1", "x/b").unwrap();
         assert_eq!(ledger.records("/v1").unwrap(), vec![("x/a".to_string(), a)]);
         assert_eq!(ledger.records("/v10").unwrap().len(), 1);
+        // A whole source goes, and only it.
+        assert_eq!(ledger.remove_source("/v1").unwrap(), 1);
+        assert!(ledger.records("/v1").unwrap().is_empty());
+        assert_eq!(ledger.records("/v10").unwrap().len(), 1);
+        assert_eq!(ledger.records("/v0").unwrap().len(), 1);
     }
 
     #[tokio::test]

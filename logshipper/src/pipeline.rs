@@ -311,6 +311,9 @@ impl<D: Destination> Pipeline<D> {
             }
             Event::SourceRemoved { source } => {
                 tracing::info!(source = %source.root.display(), "source removed");
+                if source.draining {
+                    self.forget_records(source.clone());
+                }
                 self.drains.removed(&source.id);
                 self.ledgered.remove(&source.id);
                 self.sources.remove(&source.id);
@@ -427,6 +430,26 @@ impl<D: Destination> Pipeline<D> {
         self.settled.insert(&id.0, &id.1, stat);
         self.summary.unchanged += 1;
         self.metrics.skipped.with_label_values(&["unchanged"]).inc();
+    }
+
+    /// A drained volume is gone for good: its records go too, once those still queued are
+    /// committed, so the ledger does not grow with every volume a node ever served.
+    fn forget_records(&self, source: Arc<Source>) {
+        let (ledger, recorder) = (self.ctx.ledger.clone(), self.ctx.recorder.clone());
+        tokio::spawn(async move {
+            let _ = recorder.flush().await;
+            let id = source.id.clone();
+            let removed = tokio::task::spawn_blocking(move || ledger.remove_source(&id)).await;
+            match removed {
+                Ok(Ok(files)) => {
+                    tracing::info!(source = %source.root.display(), files, "forgot the records of a drained volume")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(source = %source.root.display(), error = %e, "cannot forget the records of a drained volume")
+                }
+                Err(_) => {}
+            }
+        });
     }
 
     /// Reads what the ledger holds for `source`, off the loop.

@@ -81,6 +81,7 @@ mod tests {
         write(TASK, b"running\n");
         let ledger = Ledger::open(&dir.path().join("ledger.redb")).unwrap();
         let recorder = ledger.recorder();
+        let records = ledger.clone();
         let ctx = Arc::new(Context {
             destination: FileDestination::new(&out).unwrap(),
             recorder: recorder.clone(),
@@ -151,6 +152,19 @@ mod tests {
             .unwrap();
         assert!(Arc::ptr_eq(&reported, &again));
         assert!(!out.join(TASK).exists());
+
+        // The volume goes for good: its records go with it.
+        assert!(!records.records(&again.id).unwrap().is_empty());
+        sources.remove(&logs).await.unwrap();
+        let mut left = usize::MAX;
+        for _ in 0..100 {
+            left = records.records(&again.id).unwrap().len();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(left, 0, "the drained volume's records stayed");
         stop_tx.send_replace(true);
         running.await.unwrap();
     }
