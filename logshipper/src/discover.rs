@@ -4,14 +4,15 @@
 //! a root's filesystem. Reports [`Event`]s on a channel and knows nothing of what follows.
 
 mod scan;
+mod warned;
 mod watch;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -154,7 +155,7 @@ impl Sources {
             source: source.clone(),
             filter: self.filter.clone(),
             events: self.events.clone(),
-            warned: Arc::new(Mutex::new(HashSet::new())),
+            warned: Arc::default(),
         };
         let task = tokio::spawn(scan.run(rescan));
         self.running.insert(source.root.clone(), (source, task));

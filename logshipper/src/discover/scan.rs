@@ -19,6 +19,7 @@ use nix::fcntl::{open, openat, AtFlags, OFlag};
 use nix::sys::inotify::WatchDescriptor;
 use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
 
+use super::warned::Warned;
 use super::watch::{Change, Watch, Watches};
 use super::{Event, SkipReason, Source};
 use crate::key::{relative_key, KeyError};
@@ -137,8 +138,8 @@ pub(super) struct Scan {
     pub(super) source: Arc<Source>,
     pub(super) filter: Arc<Filter>,
     pub(super) events: mpsc::Sender<Event>,
-    /// Paths already warned about, so a rescan does not repeat the warning.
-    pub(super) warned: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Paths already told about, so a rescan does not repeat them.
+    pub(super) warned: Arc<Mutex<Warned>>,
 }
 
 impl Scan {
@@ -486,15 +487,14 @@ impl Scan {
         self.skip(out, path.to_owned(), reason);
     }
 
-    /// Warns about a path the first time only, so rescans do not repeat it.
+    /// Reports a path the first time only, so rescans do not repeat it (see `warned`).
     fn skip(&self, out: &mut Outbox, path: PathBuf, reason: SkipReason) {
-        let first_time = self
-            .warned
-            .lock()
-            .expect("not poisoned")
-            .insert(path.clone());
+        let first_time = self.warned.lock().expect("not poisoned").first_time(
+            &path,
+            reason,
+            std::time::Instant::now(),
+        );
         if first_time {
-            tracing::warn!(path = %path.display(), reason = reason.label(), "not shipping this file");
             out.send(Event::Skipped {
                 source: self.source.clone(),
                 path,
