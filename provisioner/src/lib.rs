@@ -20,6 +20,7 @@ pub mod provision;
 pub mod quantity;
 pub mod reclaim;
 pub mod run;
+pub mod startup;
 pub mod sweep;
 pub mod volume;
 

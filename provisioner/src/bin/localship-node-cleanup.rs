@@ -3,8 +3,8 @@ use std::time::Duration;
 use clap::Parser;
 use localship_provisioner::cli::LogFormat;
 use localship_provisioner::node_cleanup::Cleanup;
+use localship_provisioner::startup;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing_subscriber::EnvFilter;
 
 /// Lets go of the volumes of nodes that left the cluster for good.
 ///
@@ -38,15 +38,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match args.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.init(),
-    }
-    let client = kube::Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!("cannot reach the Kubernetes API ({e}); run in a pod with a ServiceAccount or set KUBECONFIG")
-    })?;
+    startup::init_logging(args.log_format);
+    let client = startup::client().await?;
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
         r = Cleanup::new(client, args.grace).run(args.period) => r?,
