@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -172,27 +172,20 @@ impl Ledger {
 
     /// Removes every record of one source (a volume that is gone); how many there were.
     pub fn remove_source(&self, source: &str) -> Result<usize, LedgerError> {
+        // Exactly this source's keys: `source` + NUL is the least string sorting after it.
+        let after = format!("{source}\0");
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         let removed = {
             let mut table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
-            let mut relatives = Vec::new();
-            for item in table
-                .range::<(&str, &str)>((source, "")..)
-                .map_err(|e| self.error(e))?
-            {
-                let (key, _) = item.map_err(|e| self.error(e))?;
-                let (key_source, relative) = key.value();
-                if key_source != source {
-                    break;
-                }
-                relatives.push(relative.to_owned());
+            let drained = table
+                .extract_from_if::<(&str, &str), _>((source, "")..(after.as_str(), ""), |_, _| true)
+                .map_err(|e| self.error(e))?;
+            let mut removed = 0;
+            for item in drained {
+                item.map_err(|e| self.error(e))?;
+                removed += 1;
             }
-            for relative in &relatives {
-                table
-                    .remove((source, relative.as_str()))
-                    .map_err(|e| self.error(e))?;
-            }
-            relatives.len()
+            removed
         };
         txn.commit().map_err(|e| self.error(e))?;
         Ok(removed)
