@@ -3,6 +3,7 @@
 //! directory created between two events may be missed). Never follows a symlink, never leaves
 //! a root's filesystem. Reports [`Event`]s on a channel and knows nothing of what follows.
 
+mod gate;
 mod scan;
 mod warned;
 mod watch;
@@ -20,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::local_file::FileStat;
 use crate::select::Filter;
+pub use gate::Gate;
 use scan::Scan;
 
 /// A directory whose logs are shipped; its path relative to the root is the object key.
@@ -30,6 +32,8 @@ pub struct Source {
     pub root: PathBuf,
     /// Walked once to ship everything in it now, settled or not: its volume is going away.
     pub draining: bool,
+    /// Closed by the pipeline while it follows as many of this source's files as it will.
+    pub gate: Gate,
     dev: u64,
     removed: AtomicBool,
 }
@@ -50,6 +54,7 @@ impl Source {
             id: root.to_string_lossy().into_owned(),
             root,
             draining: false,
+            gate: Gate::default(),
             dev: meta.dev(),
             removed: AtomicBool::new(false),
         })
@@ -94,6 +99,10 @@ pub enum SkipReason {
     TooLarge,
     /// More than a little of it is holes: bytes the pod never wrote (`truncate -s 4T`).
     Sparse,
+    /// Its object key would pass the destination's limit (1,024 bytes on S3).
+    KeyTooLong,
+    /// The destination refused the object for good (an invalid object name).
+    Refused,
 }
 
 impl SkipReason {
@@ -106,6 +115,8 @@ impl SkipReason {
             SkipReason::Unreadable => "unreadable",
             SkipReason::TooLarge => "too_large",
             SkipReason::Sparse => "sparse",
+            SkipReason::KeyTooLong => "key_too_long",
+            SkipReason::Refused => "refused",
         }
     }
 }
@@ -166,6 +177,8 @@ impl Sources {
         let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
         let (source, task) = self.running.remove(&root)?;
         source.removed.store(true, Ordering::SeqCst);
+        // Walking threads held at the gate see the removal and stop.
+        source.gate.open();
         task.abort();
         let _ = self
             .events

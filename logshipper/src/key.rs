@@ -20,6 +20,17 @@ const WRITER_DIGITS: usize = 12;
 /// Hex digits of the file's SHA-256 in a conflict key: enough that two versions never collide.
 const CONFLICT_SHA_DIGITS: usize = 16;
 
+/// The longest an S3 object key may be, in bytes of UTF-8.
+pub const S3_MAX_KEY_BYTES: usize = 1024;
+
+/// Whether `key`, and every key derived from it (side and conflict keys), stays within
+/// `max` bytes: a log whose derived key would not fit is refused whole, before any upload.
+pub fn fits(key: &str, max: usize) -> bool {
+    let longest_suffix =
+        (SIDE_MARK.len() + WRITER_DIGITS).max(CONFLICT_MARK.len() + CONFLICT_SHA_DIGITS);
+    key.len() + longest_suffix <= max
+}
+
 /// Why a path cannot become an object key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
@@ -302,5 +313,25 @@ mod tests {
             LogKind::Other
         );
         assert_eq!(log_kind("random.log"), LogKind::Other);
+    }
+
+    #[test]
+    fn a_key_fits_only_with_room_for_its_side_and_conflict_keys() {
+        let key = |len: usize| "k".repeat(len);
+        let longest = [
+            side_key(&key(1), &"0".repeat(WRITER_DIGITS)).len(),
+            conflict_key(&key(1), &"0".repeat(64)).len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap()
+            - 1;
+        assert!(fits(&key(S3_MAX_KEY_BYTES - longest), S3_MAX_KEY_BYTES));
+        assert!(!fits(
+            &key(S3_MAX_KEY_BYTES - longest + 1),
+            S3_MAX_KEY_BYTES
+        ));
+        // Bytes, not characters: `é` is two.
+        assert!(!fits(&"é".repeat(S3_MAX_KEY_BYTES / 2), S3_MAX_KEY_BYTES));
     }
 }

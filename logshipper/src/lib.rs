@@ -121,6 +121,11 @@ impl Error {
         }
     }
 
+    /// The destination refused this file's object for good; retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Error::Destination(e) if e.is_permanent())
+    }
+
     /// The destination could not be asked; the file is not at fault.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, Error::Destination(e) if e.is_unreachable())
@@ -207,6 +212,9 @@ pub async fn run_with<D: Destination>(
     let rescan = (!args.once).then_some(args.rescan);
     let mut sources = Sources::new(filter, events_tx, rescan);
     let (drains_tx, drains_rx) = mpsc::unbounded_channel();
+    let (refused_tx, refused_rx) = mpsc::unbounded_channel();
+    // Only a volume's claim has an owner to tell; standalone, the log and metrics say it.
+    let refusals = args.node_name.is_some().then_some(refused_tx);
     // Kubernetes mode hands the sources to the volume watch; --source is not used then.
     let (sources, volumes) = match &args.node_name {
         Some(node) => {
@@ -214,7 +222,10 @@ pub async fn run_with<D: Destination>(
                 &args,
                 node,
                 sources,
-                drains_rx,
+                kubernetes::FromPipeline {
+                    drained: drains_rx,
+                    refused: refused_rx,
+                },
                 metrics.clone(),
                 synced_tx,
                 stop.clone(),
@@ -241,10 +252,12 @@ pub async fn run_with<D: Destination>(
         initial_sources: sources.as_ref().map_or(0, Sources::len),
         max_tracked: pipeline::MAX_TRACKED,
     };
-    let summary = Pipeline::new(ctx, metrics, settings, ok_rx, recheck, ready_tx)
-        .report_drains(drains_tx)
-        .run(events_rx, stop)
-        .await;
+    let mut pipeline =
+        Pipeline::new(ctx, metrics, settings, ok_rx, recheck, ready_tx).report_drains(drains_tx);
+    if let Some(refusals) = refusals {
+        pipeline = pipeline.report_refusals(refusals);
+    }
+    let summary = pipeline.run(events_rx, stop).await;
     drop(sources);
     // Reconciles are idempotent and the PVs hold what matters: stopping mid-way is safe.
     if let Some(volumes) = volumes {

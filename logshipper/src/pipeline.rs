@@ -8,10 +8,13 @@ mod alongside_tests;
 #[cfg(test)]
 mod backlog_tests;
 mod drain;
+mod followed;
+mod refusals;
 mod seen;
+mod turns;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,7 +22,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::destination::Destination;
-use crate::discover::{Event, Source};
+use crate::discover::{Event, SkipReason, Source};
 use crate::key::{is_side_key, log_kind};
 use crate::local_file::FileStat;
 use crate::metrics::Metrics;
@@ -30,7 +33,11 @@ use crate::settle::Observation;
 use crate::ship::{self, Context, How, Job, Outcome};
 pub use drain::DrainReport;
 use drain::Drains;
+use followed::{FileId, Followed};
+use refusals::Refusals;
+pub use refusals::{RefusalReport, Refused, REFUSALS_EVERY};
 use seen::Seen;
+use turns::Turns;
 
 /// Retries of a file that failed, doubling up to a few minutes.
 const FILE_BACKOFF: Backoff = Backoff {
@@ -73,16 +80,14 @@ pub struct Settings {
     /// Beside Airflow's uploads: a log quiet this long is final, and its canonical key is
     /// written (see `alongside`).
     pub final_after: Duration,
-    /// Files followed at once (found and not shipped yet). At this many, discovery waits:
-    /// the rest of a large backlog stays on disk, not in memory, until some of it ships.
+    /// Files followed at once (found and not shipped yet), shared between the sources that
+    /// have any. A source at its share waits to find more: the rest of its backlog stays on
+    /// disk, not in memory, and other sources go on.
     pub max_tracked: usize,
 }
 
 /// The default for [`Settings::max_tracked`]: about 4 MiB of bookkeeping.
 pub const MAX_TRACKED: usize = 10_000;
-
-/// (source id, path relative to the source root)
-type FileId = (String, String);
 
 struct Entry {
     source: Arc<Source>,
@@ -109,8 +114,12 @@ pub struct Pipeline<D> {
     ctx: Arc<Context<D>>,
     metrics: Arc<Metrics>,
     settings: Settings,
-    entries: HashMap<FileId, Entry>,
-    due: BinaryHeap<Reverse<(Instant, u64, FileId)>>,
+    entries: Followed<Entry>,
+    due: Turns,
+    /// Uploads under way, per source.
+    in_flight: HashMap<String, usize>,
+    /// Sources whose discovery waits until enough of their followed files have shipped.
+    held: HashSet<String>,
     /// Files shipped or skipped, as they looked then: the same sighting again needs nothing.
     settled: Seen,
     /// Per source, during its first walk: what the ledger says was shipped to this
@@ -131,6 +140,7 @@ pub struct Pipeline<D> {
     started: Instant,
     force_at: Option<Instant>,
     drains: Drains,
+    refusals: Refusals,
     /// Logs shipped under their side keys, and when each is looked at again.
     provisional: HashMap<FileId, Provisional>,
     revisits: BinaryHeap<Reverse<(Instant, FileId)>>,
@@ -153,8 +163,10 @@ impl<D: Destination> Pipeline<D> {
             ctx,
             metrics,
             settings,
-            entries: HashMap::new(),
-            due: BinaryHeap::new(),
+            entries: Followed::new(),
+            due: Turns::default(),
+            in_flight: HashMap::new(),
+            held: HashSet::new(),
             settled: Seen::new(),
             ledgered: HashMap::new(),
             loading: JoinSet::new(),
@@ -167,6 +179,7 @@ impl<D: Destination> Pipeline<D> {
             ready,
             started,
             drains: Drains::default(),
+            refusals: Refusals::new(None),
             provisional: HashMap::new(),
             revisits: BinaryHeap::new(),
         }
@@ -175,6 +188,12 @@ impl<D: Destination> Pipeline<D> {
     /// Tells `report` the source of each finished drain.
     pub fn report_drains(mut self, report: DrainReport) -> Self {
         self.drains = Drains::new(Some(report));
+        self
+    }
+
+    /// Tells `report` each source's files that will not ship, at most once a minute each.
+    pub fn report_refusals(mut self, report: RefusalReport) -> Self {
+        self.refusals = Refusals::new(Some(report));
         self
     }
 
@@ -194,9 +213,9 @@ impl<D: Destination> Pipeline<D> {
         loop {
             self.revisit_due();
             self.dispatch();
+            self.release_held();
             let entries = &self.entries;
-            self.drains
-                .report_finished(|id| entries.keys().any(|(source, _)| source == id));
+            self.drains.report_finished(|id| entries.count(id) > 0);
             if self.settings.once && self.finished() {
                 break;
             }
@@ -209,20 +228,16 @@ impl<D: Destination> Pipeline<D> {
                         self.ledgered.insert(id, seen);
                     }
                 }
-                Some(event) = events.recv(), if self.entries.len() < self.settings.max_tracked && self.loading.is_empty() => {
-                    self.on_event(event);
-                    if self.entries.len() >= self.settings.max_tracked && !self.backlog_was_full {
-                        tracing::info!(files = self.entries.len(), "backlog is large; finding more files waits until some have shipped");
-                        self.backlog_was_full = true;
-                        self.publish_readiness();
-                    }
-                }
+                Some(event) = events.recv(), if self.loading.is_empty() => self.on_event(event),
                 Some(done) = self.running.join_next(), if !self.running.is_empty() => {
                     self.on_done(done.expect("shipping tasks do not panic"));
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or(start)), if wake.is_some() => {}
                 Ok(()) = self.destination_ok.changed() => self.publish_readiness(),
-                _ = backlog.tick() => self.update_backlog(),
+                _ = backlog.tick() => {
+                    self.update_backlog();
+                    self.refusals.tell_due(Instant::now());
+                }
                 _ = progress.tick(), if self.settings.once => self.print_progress(),
                 _ = sweep.tick(), if sweeping && sweeper.as_ref().is_none_or(|s| s.is_finished()) => {
                     if let Some(done) = sweeper.take() {
@@ -287,12 +302,19 @@ impl<D: Destination> Pipeline<D> {
                     }
                 }
             }
-            Event::Skipped { reason, .. } => {
+            Event::Skipped {
+                source,
+                path,
+                reason,
+            } => {
                 self.metrics
                     .skipped
                     .with_label_values(&[reason.label()])
                     .inc();
                 *self.summary.skipped.entry(reason.label()).or_default() += 1;
+                let relative = path.strip_prefix(&source.root).unwrap_or(&path);
+                let relative = relative.to_string_lossy();
+                self.refusals.add(&source, &relative, reason.label());
             }
             Event::WalkStarted { source } => self.load_ledger(source),
             Event::WalkDone { source } if source.draining => {
@@ -315,10 +337,12 @@ impl<D: Destination> Pipeline<D> {
                     self.forget_records(source.clone());
                 }
                 self.drains.removed(&source.id);
+                self.refusals.removed(&source.id);
                 self.ledgered.remove(&source.id);
                 self.sources.remove(&source.id);
-                self.entries
-                    .retain(|(id, _), e| *id != source.id || e.in_flight);
+                self.entries.retain_source(&source.id, |e| e.in_flight);
+                self.due.remove_source(&source.id);
+                self.held.remove(&source.id);
                 self.provisional.retain(|(id, _), _| *id != source.id);
                 self.settled.remove_source(&source.id);
             }
@@ -383,6 +407,54 @@ impl<D: Destination> Pipeline<D> {
         };
         self.entries.insert(id.clone(), entry);
         self.schedule(&id);
+        self.hold_if_full(&id.0);
+    }
+
+    /// Files one source may have followed at once: an even share of `max_tracked` between
+    /// the sources that have any, so one volume's backlog never crowds out another's.
+    fn share(&self) -> usize {
+        (self.settings.max_tracked / self.entries.sources().max(1)).max(1)
+    }
+
+    /// Holds back discovery of a source at its share.
+    fn hold_if_full(&mut self, source_id: &str) {
+        if self.entries.count(source_id) < self.share() || self.held.contains(source_id) {
+            return;
+        }
+        let Some(source) = self.entries_source(source_id) else {
+            return;
+        };
+        source.gate.close();
+        tracing::info!(source = %source.root.display(), files = self.entries.count(source_id), "backlog is large; finding more files in this source waits until some have shipped");
+        self.held.insert(source_id.to_owned());
+        if !self.backlog_was_full {
+            self.backlog_was_full = true;
+            self.publish_readiness();
+        }
+    }
+
+    /// Lets held sources find files again once they are well under their share.
+    fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let below = self.share() * 3 / 4;
+        let released: Vec<String> = self
+            .held
+            .iter()
+            .filter(|id| self.entries.count(id) <= below)
+            .cloned()
+            .collect();
+        for id in released {
+            self.held.remove(&id);
+            if let Some(source) = self.entries_source(&id) {
+                source.gate.open();
+            }
+        }
+    }
+
+    fn entries_source(&self, source_id: &str) -> Option<Arc<Source>> {
+        self.sources.get(source_id).cloned()
     }
 
     /// Follows again the logs under side keys whose time to be looked at has come.
@@ -480,31 +552,32 @@ impl<D: Destination> Pipeline<D> {
         self.generation += 1;
         entry.generation = self.generation;
         let due = due_at(entry, self.settings.settle, self.force_at);
-        self.due.push(Reverse((due, self.generation, id.clone())));
+        self.due.push(&id.0, due, self.generation, id.1.clone());
     }
 
     fn next_due(&self) -> Option<Instant> {
         if !*self.destination_ok.borrow() || self.running.len() >= self.settings.workers {
             return None;
         }
-        let due = self.due.peek().map(|Reverse((due, _, _))| *due);
         let revisit = self.revisits.peek().map(|Reverse((at, _))| *at);
-        due.into_iter().chain(revisit).min()
+        self.due.next_due().into_iter().chain(revisit).min()
     }
 
+    /// Starts the files that are due, the sources taking turns; a source may take more than
+    /// half the workers only while no other source has a file due.
     fn dispatch(&mut self) {
         if !*self.destination_ok.borrow() {
             return;
         }
         let now = Instant::now();
+        let most = (self.settings.workers / 2).max(1);
         while self.running.len() < self.settings.workers {
-            let Some(Reverse((due, generation, id))) = self.due.pop() else {
+            let in_flight = &self.in_flight;
+            let busy = |source: &str| in_flight.get(source).is_some_and(|n| *n >= most);
+            let Some((source_id, relative, generation)) = self.due.take(now, busy) else {
                 break;
             };
-            if due > now {
-                self.due.push(Reverse((due, generation, id)));
-                break;
-            }
+            let id = (source_id, relative);
             let Some(entry) = self.entries.get_mut(&id) else {
                 continue;
             };
@@ -525,6 +598,7 @@ impl<D: Destination> Pipeline<D> {
                 expected: entry.obs.stat,
                 finished: entry.drain || entry.obs.is_settled(now, self.settings.final_after),
             };
+            *self.in_flight.entry(id.0.clone()).or_default() += 1;
             let ctx = self.ctx.clone();
             self.running.spawn(async move {
                 let started = Instant::now();
@@ -535,6 +609,12 @@ impl<D: Destination> Pipeline<D> {
     }
 
     fn on_done(&mut self, (id, result, elapsed): Finished) {
+        if let Some(n) = self.in_flight.get_mut(&id.0) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(&id.0);
+            }
+        }
         let Some(entry) = self.entries.get_mut(&id) else {
             return;
         };
@@ -567,13 +647,16 @@ impl<D: Destination> Pipeline<D> {
             }
             Ok(Outcome::Skipped(reason)) => {
                 tracing::warn!(file = %file.display(), reason = reason.label(), "not shipping this file");
+                self.refuse(&id, reason);
+            }
+            // Not retried: the same request can only be refused again. Changed, it is tried anew.
+            Err(e) if e.is_permanent() => {
                 self.metrics
-                    .skipped
-                    .with_label_values(&[reason.label()])
+                    .failures
+                    .with_label_values(&[e.metric_label()])
                     .inc();
-                *self.summary.skipped.entry(reason.label()).or_default() += 1;
-                self.settled.insert(&id.0, &id.1, entry.obs.stat);
-                self.entries.remove(&id);
+                tracing::warn!(file = %file.display(), error = %e, "the destination refuses this file for good; not shipping it");
+                self.refuse(&id, SkipReason::Refused);
             }
             Err(e) => {
                 self.metrics
@@ -598,6 +681,21 @@ impl<D: Destination> Pipeline<D> {
                 self.schedule(&id);
             }
         }
+    }
+
+    /// A file that will not ship as it is: counted, told about, and left alone until it changes.
+    fn refuse(&mut self, id: &FileId, reason: SkipReason) {
+        let Some(entry) = self.entries.remove(id) else {
+            return;
+        };
+        self.metrics
+            .skipped
+            .with_label_values(&[reason.label()])
+            .inc();
+        *self.summary.skipped.entry(reason.label()).or_default() += 1;
+        self.settled.insert(&id.0, &id.1, entry.obs.stat);
+        self.provisional.remove(id);
+        self.refusals.add(&entry.source, &id.1, reason.label());
     }
 
     fn count_shipped(&mut self, relative: &str, how: How, size: u64, elapsed: Duration) {

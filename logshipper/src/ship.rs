@@ -13,7 +13,7 @@ use crate::destination::{
     Destination, DestinationError, Fetched, LocalContent, ObjectInfo, Precondition, WhileHashing,
 };
 use crate::discover::{SkipReason, Source};
-use crate::key::{is_side_key, object_key, side_key, writer_id};
+use crate::key::{fits, is_side_key, object_key, side_key, writer_id};
 use crate::ledger::{now_ms, Ledger, Record, Recorder};
 use crate::local_file::{
     hash_for_upload, open_beneath, read_at, sha256_prefix, FileStat, OpenError,
@@ -136,13 +136,16 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
     if stat.size > ctx.max_file_size {
         return Ok(Outcome::Skipped(SkipReason::TooLarge));
     }
-    let file = Arc::new(file);
     let dest = &ctx.destination;
+    let key = object_key(dest.prefix(), &job.relative);
+    if dest.max_key_bytes().is_some_and(|max| !fits(&key, max)) {
+        return Ok(Outcome::Skipped(SkipReason::KeyTooLong));
+    }
+    let file = Arc::new(file);
     let previous = ctx
         .ledger
         .get(&job.source.id, &job.relative)?
         .filter(|r| r.destination == dest.id());
-    let key = object_key(dest.prefix(), &job.relative);
     // A large log never shipped before goes while it is hashed, where the store can.
     // `found` is what stood under the key if the store already looked.
     let mut found = None;

@@ -160,6 +160,11 @@ pub trait Destination: Send + Sync + 'static {
     /// Removes the object under `key`; nothing there is no error.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), DestinationError>> + Send;
 
+    /// The longest object key the store takes, in bytes, if it has a limit.
+    fn max_key_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Files smaller than this are read into memory once, hashed and written from there.
     fn in_memory_limit(&self) -> u64 {
         0
@@ -244,6 +249,17 @@ impl DestinationError {
         matches!(self, DestinationError::Unreachable { .. })
     }
 
+    /// The store refused this object for good: asking again cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            DestinationError::Refused { code, .. } => PERMANENT_CODES.contains(&code.as_str()),
+            DestinationError::Io { source, .. } => {
+                source.raw_os_error() == Some(nix::libc::ENAMETOOLONG)
+            }
+            _ => false,
+        }
+    }
+
     pub fn metric_label(&self) -> &'static str {
         match self {
             DestinationError::NoSuchBucket { .. } => "no_such_bucket",
@@ -261,6 +277,15 @@ impl DestinationError {
         }
     }
 }
+
+/// Error codes with which a store refuses an object whatever is tried again: S3's, and
+/// MinIO's for a path segment over 255 bytes or a name it cannot store.
+const PERMANENT_CODES: &[&str] = &[
+    "KeyTooLongError",
+    "InvalidObjectName",
+    "XMinioInvalidObjectName",
+    "XMinioObjectNameTooLong",
+];
 
 /// `--dest`, parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -423,6 +423,10 @@ impl Destination for S3Destination {
         Ok(())
     }
 
+    fn max_key_bytes(&self) -> Option<usize> {
+        Some(crate::key::S3_MAX_KEY_BYTES)
+    }
+
     fn in_memory_limit(&self) -> u64 {
         self.settings.multipart_threshold
     }

@@ -527,8 +527,11 @@ impl<'a> Outbox<'a> {
         }
     }
 
-    /// Called from blocking threads only.
+    /// Called from blocking threads only; waits while the pipeline holds this source back.
     fn flush(&mut self) {
+        if !self.queued.is_empty() {
+            self.scan.source.gate.wait_open();
+        }
         for event in self.queued.drain(..) {
             if self.scan.source.removed.load(Ordering::SeqCst) {
                 break;

@@ -25,6 +25,7 @@ use crate::cli::Args;
 use crate::destination::DestinationUrl;
 use crate::discover::{Source, Sources};
 use crate::metrics::Metrics;
+use crate::pipeline::Refused;
 use crate::{Error, Result};
 
 /// How often a draining volume is looked at: finding its drain finished is a lookup here.
@@ -88,6 +89,29 @@ impl Context {
     /// The pipeline finished draining `source`.
     pub fn drained(&self, source: Arc<Source>) {
         self.drained.lock().expect("not poisoned").push(source);
+    }
+
+    /// Tells the owner of a volume (on its claim, else its PV) of files that will not ship.
+    pub async fn refused_files(&self, refused: Refused) {
+        let pv = self
+            .shipping
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .find(|(_, s)| {
+                s.root == refused.source.root
+                    || s.root
+                        .canonicalize()
+                        .is_ok_and(|r| r == refused.source.root)
+            })
+            .map(|(name, _)| name.clone());
+        let Some(pv) = pv.and_then(|name| self.store.get(&ObjectRef::new(&name))) else {
+            return;
+        };
+        let claim = pv.spec.as_ref().and_then(|s| s.claim_ref.clone());
+        let on = claim.unwrap_or_else(|| pv.object_ref(&()));
+        self.event(&on, EventType::Warning, "LogsNotShipped", refused.note())
+            .await;
     }
 
     /// Stops shipping volumes whose PV vanished without us (our finalizer removed by hand).

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use crate::cli::Args;
 use crate::discover::{Source, Sources};
 use crate::metrics::Metrics;
+use crate::pipeline::Refused;
 use crate::{Error, Result};
 use controller::Context;
 use names::NODE_LABEL;
@@ -31,14 +32,22 @@ use names::NODE_LABEL;
 /// How often volumes whose PV vanished behind our back are looked for.
 const VANISHED_EVERY: Duration = Duration::from_secs(60);
 
+/// What the pipeline tells the volume watch.
+pub struct FromPipeline {
+    /// Each drain done.
+    pub drained: mpsc::UnboundedReceiver<Arc<Source>>,
+    /// Files of a volume that will not ship, for an Event on its claim.
+    pub refused: mpsc::UnboundedReceiver<Refused>,
+}
+
 /// Starts watching `node`'s PVs until `stop`, adding and draining `sources` as volumes come
-/// and go. `drained` hears from the pipeline when a drain is done; `synced` turns true once
-/// every PV of the node is known.
+/// and go. `told` hears from the pipeline; `synced` turns true once every PV of the node is
+/// known.
 pub async fn watch_volumes(
     args: &Args,
     node: &str,
     sources: Sources,
-    mut drained: mpsc::UnboundedReceiver<Arc<Source>>,
+    told: FromPipeline,
     metrics: Arc<Metrics>,
     synced: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
@@ -95,11 +104,16 @@ pub async fn watch_volumes(
     };
     let housekeeping = async move {
         let mut stop = stop;
+        let FromPipeline {
+            mut drained,
+            mut refused,
+        } = told;
         let mut vanished = tokio::time::interval(VANISHED_EVERY);
         loop {
             tokio::select! {
                 _ = stopped(&mut stop) => break,
                 Some(source) = drained.recv() => ctx.drained(source),
+                Some(refused) = refused.recv() => ctx.refused_files(refused).await,
                 _ = vanished.tick() => ctx.forget_vanished().await,
             }
         }
