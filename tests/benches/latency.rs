@@ -18,13 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use localship_tests::bench::{env_or, pct};
+use localship_tests::bench::{env_or, list_every_25ms, pct, FirstListed};
 use localship_tests::{scratch_dir, Minio, ShipperAgent};
 
 const SIDE_MARK: &str = ".localship-part-";
-
-/// When each key was first listed.
-type Seen = Arc<Mutex<HashMap<String, Instant>>>;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -48,8 +45,13 @@ async fn main() -> Result<()> {
         let dest = format!("s3://{bucket}/logs");
         let mut shipper = ShipperAgent::standalone(&minio, &source, &dest, &args)?;
         shipper.start().await?;
-        let seen: Seen = Arc::default();
-        let lister = tokio::spawn(list_every_25ms(minio.client(), bucket, seen.clone()));
+        let seen: FirstListed = Arc::default();
+        let lister = tokio::spawn(list_every_25ms(
+            minio.client(),
+            bucket.into(),
+            String::new(),
+            seen.clone(),
+        ));
         let finished = write_logs(&source, n).await?;
 
         // Visible: any key that starts with the log's; final: the log's own key.
@@ -124,25 +126,6 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Notes when each key in `bucket` is first listed, listing every 25 ms.
-async fn list_every_25ms(client: aws_sdk_s3::Client, bucket: &'static str, seen: Seen) {
-    loop {
-        let mut pages = client
-            .list_objects_v2()
-            .bucket(bucket)
-            .into_paginator()
-            .send();
-        let now = Instant::now();
-        while let Some(Ok(page)) = pages.next().await {
-            let mut seen = seen.lock().unwrap();
-            for key in page.contents().iter().filter_map(|o| o.key()) {
-                seen.entry(key.to_string()).or_insert(now);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// Writes `n` logs in three bursts each, one after another; when each was finished, by key.

@@ -297,6 +297,86 @@ async fn a_volume_deleted_before_the_shipper_saw_it_is_still_shipped() -> Result
     Ok(())
 }
 
+/// Logs that can never ship (an object key over S3's 1,024 bytes, a 4 TiB sparse file) are
+/// told about on the claim, and do not hold the volume's deletion for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_that_cannot_ship_are_told_on_the_claim_and_do_not_hold_the_drain() -> Result<()> {
+    let cp = control_plane()?;
+    let client = cp.client().await?;
+    let ns = cp.namespace("ship-refused").await?;
+    let minio = Minio::start().await?;
+    minio.create_bucket("airflow").await?;
+    // A node of this test's own: no other test's shipper drains its volume.
+    let node = format!("{ns}-node");
+    let taint =
+        serde_json::json!([{ "key": TEST_NODE_TAINT, "value": ns, "effect": "NoSchedule" }]);
+    cp.register_node(&node, serde_json::json!({}), taint)
+        .await?;
+    let _agent = ProvisionerAgent::start(cp, &node, &provisioner_name(&ns), &[]).await?;
+    let mut shipper = ShipperAgent::kubernetes(cp, &node, &minio, DEST, &[]).await?;
+    shipper.start().await?;
+    let class = format!("{ns}-logs");
+    storage_class(&client, &class, &provisioner_name(&ns), "Delete", "").await?;
+    let opted = format!("{{ {OPT_IN}: \"{DEST}\" }}");
+    claim_with_pod_annotated(&client, &ns, "refused", &class, &node, &opted).await?;
+    let pv = wait_bound(&client, &ns, "refused").await?;
+    shipper
+        .wait_metric("localship_logshipper_volumes_watched 1")
+        .await?;
+    let dir = PathBuf::from(host_path(&pv));
+    let long = format!(
+        "dag_id={}/run_id={}/task_id={}/{}/{}/attempt=1.log",
+        "a".repeat(240),
+        "b".repeat(240),
+        "c".repeat(240),
+        "d".repeat(250),
+        "e".repeat(250)
+    );
+    write(&dir, &long, b"a log whose key is too long\n")?;
+    let sparse = format!("{RUN}/task_id=holes/attempt=1.log");
+    write(&dir, &sparse, b"")?;
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join(&sparse))?
+        .set_len(4 << 40)?;
+    let good = format!("{RUN}/task_id=fine/attempt=1.log");
+    write(&dir, &good, b"[2024-01-01] fine\n")?;
+
+    let told = wait_for("an Event on the claim", BIND_TIMEOUT, || async {
+        let events = claim_events(&client, &ns, "refused").await?;
+        Ok(events
+            .into_iter()
+            .find(|(reason, note)| reason == "LogsNotShipped" && note.contains("key over"))
+            .map(|(_, note)| note))
+    })
+    .await
+    .with_context(|| format!("shipper log tail:\n{}", shipper.log_tail(30)))?;
+    ensure!(told.contains("1 with an object key over"), "{told}");
+    shipper
+        .wait_metric(r#"localship_logshipper_skipped_total{reason="key_too_long"} 1"#)
+        .await?;
+    shipper
+        .wait_metric(r#"localship_logshipper_skipped_total{reason="sparse"} 1"#)
+        .await?;
+
+    // Deleted, the volume drains what can ship and is let go.
+    delete_claim_and_pod(&client, &ns, "refused").await?;
+    wait_pv_gone(&client, &pv.name_any())
+        .await
+        .with_context(|| format!("shipper log tail:\n{}", shipper.log_tail(30)))?;
+    assert_eq!(
+        object(&minio, &good).await?.as_deref(),
+        Some(&b"[2024-01-01] fine\n"[..])
+    );
+    assert_eq!(
+        object(&minio, &sparse).await?,
+        None,
+        "the sparse file shipped"
+    );
+    shipper.check_running()?;
+    Ok(())
+}
+
 /// The README's commands that release volumes still held when shipping is turned off.
 fn readme_release_command() -> Result<String> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;

@@ -1,0 +1,230 @@
+//! S5: a hostile volume on the node delays no other volume. One daemon ships two sources;
+//! in one of them a tenant keeps 100,000 files that never ship: half are touched over and
+//! over so they never settle, half have object keys over S3's 1,024 bytes, so every upload
+//! of them would fail. Meanwhile logs finish one after another in the other source; the
+//! measure is when each is visible in the bucket after its last write. The anchor is the
+//! same daemon and logs in the same run, with the hostile source empty.
+//!
+//! `cargo bench -p localship-tests --bench hostile` (LOCALSHIP_BENCH_LOGS, default 100;
+//! LOCALSHIP_BENCH_HOSTILE_FILES, default 100000; LOCALSHIP_BENCH_SETTLE, default 2s).
+//! `LOCALSHIP_PROFILE=<dir under target/>` runs another build of the shipper.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{ensure, Result};
+use localship_tests::bench::{env_or, list_every_25ms, mib, pct, FirstListed};
+use localship_tests::{scratch_dir, Minio, ShipperAgent};
+
+const BUCKET: &str = "hostile";
+
+struct Measured {
+    latencies: Vec<Duration>,
+    peak_rss: u64,
+    refused: u64,
+    touches: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n: usize = env_or("LOCALSHIP_BENCH_LOGS", 100);
+    let hostile_files: usize = env_or("LOCALSHIP_BENCH_HOSTILE_FILES", 100_000);
+    let settle_arg: String = env_or("LOCALSHIP_BENCH_SETTLE", "2s".to_string());
+    let settle = humantime::parse_duration(&settle_arg)?;
+    let minio = Minio::start().await?;
+    minio.create_bucket(BUCKET).await?;
+
+    let alone = run(&minio, "alone", 0, n, &settle_arg).await?;
+    let beside = run(&minio, "beside", hostile_files, n, &settle_arg).await?;
+
+    println!(
+        "\nS5: {n} logs finished one after another in one volume, --settle={settle_arg}: last write -> visible"
+    );
+    println!("| measure | alone s (anchor) | beside {hostile_files} hostile files s | ratio  | over settle ms |");
+    println!(
+        "|---------|------------------|-------------------------------|--------|----------------|"
+    );
+    for (row, a, b) in [
+        (
+            "p50",
+            pct(&alone.latencies, 50.0),
+            pct(&beside.latencies, 50.0),
+        ),
+        (
+            "p99",
+            pct(&alone.latencies, 99.0),
+            pct(&beside.latencies, 99.0),
+        ),
+        (
+            "max",
+            *alone.latencies.last().unwrap(),
+            *beside.latencies.last().unwrap(),
+        ),
+    ] {
+        println!(
+            "| {row:<7} | {:>16.3} | {:>29.3} | {:>5.2}x | {:>14.0} |",
+            a.as_secs_f64(),
+            b.as_secs_f64(),
+            b.as_secs_f64() / a.as_secs_f64(),
+            (b.as_secs_f64() - settle.as_secs_f64()) * 1000.0,
+        );
+    }
+    println!(
+        "\npeak RSS: {:.1} MiB alone, {:.1} MiB beside the hostile volume ({:.2}x); \
+         {} hostile files refused for good, {} touches of never-settling files",
+        mib(alone.peak_rss / 1024),
+        mib(beside.peak_rss / 1024),
+        beside.peak_rss as f64 / alone.peak_rss as f64,
+        beside.refused,
+        beside.touches,
+    );
+    Ok(())
+}
+
+async fn run(
+    minio: &Minio,
+    name: &str,
+    hostile_files: usize,
+    n: usize,
+    settle: &str,
+) -> Result<Measured> {
+    let quiet = scratch_dir(&format!("bench-hostile-{name}-quiet"))?;
+    let hostile = scratch_dir(&format!("bench-hostile-{name}-hostile"))?;
+    let (restless, too_long) = hostile_tree(&hostile, hostile_files)?;
+    let args = [
+        format!("--source={}", hostile.display()),
+        format!("--settle={settle}"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dest = format!("s3://{BUCKET}/{name}");
+    let mut shipper = ShipperAgent::standalone(minio, &quiet, &dest, &args)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let touches = Arc::new(AtomicU64::new(0));
+    let toucher = {
+        let (stop, touches) = (stop.clone(), touches.clone());
+        std::thread::spawn(move || keep_touching(&restless, &stop, &touches))
+    };
+    shipper.start().await?;
+    // The flood is under way: the failing files found and tried, the restless ones followed.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+
+    let seen: FirstListed = Arc::default();
+    let lister = tokio::spawn(list_every_25ms(
+        minio.client(),
+        BUCKET.into(),
+        format!("{name}/dag_id=quiet/"),
+        seen.clone(),
+    ));
+    let mut peak_rss = shipper.rss_bytes()?;
+    let finished = write_logs(&quiet, name, n).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.lock().unwrap().len() < n && Instant::now() < deadline {
+        peak_rss = peak_rss.max(shipper.rss_bytes()?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lister.abort();
+    stop.store(true, Ordering::SeqCst);
+    let _ = toucher.join();
+    shipper.check_running()?;
+    let seen = seen.lock().unwrap().clone();
+    ensure!(
+        seen.len() == n,
+        "{} of {n} logs visible two minutes after they finished ({name})",
+        seen.len()
+    );
+    let metrics = shipper.metrics()?;
+    let refused = metric(
+        &metrics,
+        r#"localship_logshipper_skipped_total{reason="key_too_long"}"#,
+    );
+    let followed = metric(&metrics, "localship_logshipper_backlog_files");
+    if hostile_files > 0 {
+        eprintln!("{name}: {refused} of {too_long} too-long files refused; {followed} files followed at the end");
+    }
+    let mut latencies: Vec<Duration> = finished
+        .iter()
+        .map(|(key, done)| seen[key].saturating_duration_since(*done))
+        .collect();
+    latencies.sort();
+    Ok(Measured {
+        latencies,
+        peak_rss,
+        refused,
+        touches: touches.load(Ordering::SeqCst),
+    })
+}
+
+/// Half never-settling files, half with keys too long for S3; the paths of the first half
+/// and how many of the second.
+fn hostile_tree(root: &Path, files: usize) -> Result<(Vec<PathBuf>, usize)> {
+    let restless_dir = root.join("dag_id=restless/run_id=r/task_id=t");
+    let long_dir = root.join(format!(
+        "dag_id={}/run_id={}/task_id={}/{}/{}",
+        "a".repeat(240),
+        "b".repeat(240),
+        "c".repeat(240),
+        "d".repeat(250),
+        "e".repeat(250)
+    ));
+    std::fs::create_dir_all(&restless_dir)?;
+    std::fs::create_dir_all(&long_dir)?;
+    let mut restless = Vec::new();
+    let too_long = files / 2;
+    for i in 0..files - too_long {
+        let path = restless_dir.join(format!("map_index={i}.log"));
+        std::fs::write(&path, b"x\n")?;
+        restless.push(path);
+    }
+    for i in 0..too_long {
+        std::fs::write(long_dir.join(format!("attempt={i}.log")), b"x\n")?;
+    }
+    Ok((restless, too_long))
+}
+
+/// Sets each file's mtime to now, round and round, until told to stop.
+fn keep_touching(paths: &[PathBuf], stop: &AtomicBool, touches: &AtomicU64) {
+    while !stop.load(Ordering::SeqCst) && !paths.is_empty() {
+        for path in paths {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Ok(file) = std::fs::File::options().write(true).open(path) {
+                let _ = file.set_modified(SystemTime::now());
+                touches.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Writes `n` logs in three bursts each, one after another; when each was finished, by key.
+async fn write_logs(source: &Path, prefix: &str, n: usize) -> Result<HashMap<String, Instant>> {
+    let mut finished = HashMap::new();
+    for i in 0..n {
+        let rel = format!(
+            "dag_id=quiet/run_id=manual__2026-12-01T00:00:00+00:00/task_id=t{i}/attempt=1.log"
+        );
+        let path = source.join(&rel);
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        let mut f = std::fs::File::create(&path)?;
+        for burst in 0..3 {
+            writeln!(f, "[2026-12-01, 09:00:0{burst} UTC] {{taskinstance.py:1234}} INFO - step {burst} of task {i}")?;
+            tokio::time::sleep(Duration::from_millis(10 + (i as u64 * 7 + burst) % 30)).await;
+        }
+        drop(f);
+        finished.insert(format!("{prefix}/{rel}"), Instant::now());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(finished)
+}
+
+/// The value of the sample that starts with `name`, 0 if absent.
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
