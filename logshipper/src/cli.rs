@@ -40,6 +40,10 @@ pub struct Args {
 
     /// Where logs go: `s3://bucket/prefix`, the same as Airflow's `remote_base_log_folder`,
     /// or `file:///dir` (a relative `file://dir` is taken from the working directory).
+    /// Kubernetes mode: the prefix may hold `{namespace}`, e.g. `s3://airflow/logs/{namespace}`,
+    /// and each volume then ships under its claim's namespace, so one Airflow install (set
+    /// its `remote_base_log_folder` to `s3://airflow/logs/<its namespace>`) never writes
+    /// into another's.
     #[arg(
         long,
         value_name = "URL",
@@ -185,8 +189,10 @@ pub struct Args {
 
     /// Kubernetes mode: the annotation on a PersistentVolumeClaim (or parameter or annotation
     /// on its StorageClass; the claim's wins) that opts its volume in. Its value must name
-    /// the same destination as --dest, e.g. `s3://airflow/logs`; a volume naming another is
-    /// reported in an Event and not shipped.
+    /// the volume's destination: --dest, e.g. `s3://airflow/logs`; with `{namespace}` in
+    /// --dest, either --dest as written or rendered with the claim's namespace
+    /// (`s3://airflow/logs/team-a`). A volume naming another is reported in an Event and
+    /// not shipped.
     #[arg(long, value_name = "NAME", env = "LOCALSHIP_OPT_IN_ANNOTATION", default_value = DEFAULT_OPT_IN_ANNOTATION)]
     pub opt_in_annotation: String,
 
@@ -236,6 +242,14 @@ impl Args {
         }
         if self.rescan.is_zero() {
             return Err(Error::Config("--rescan must be longer than zero".into()));
+        }
+        if self.dest.per_namespace() && self.node_name.is_none() {
+            return Err(Error::Config(format!(
+                "--dest {} holds {{namespace}}, which only Kubernetes mode (--node-name) fills \
+                 in from each volume's claim; give the prefix itself, e.g. {}",
+                self.dest,
+                self.dest.render("airflow").expect("a DNS label")
+            )));
         }
         if let Some(node) = &self.node_name {
             if node.is_empty() {
@@ -385,6 +399,20 @@ mod tests {
         let args = Args::try_parse_from(["x", "--node-name", "node-a"]).unwrap();
         assert_eq!(args.node_name.as_deref(), Some("node-a"));
         args.validate().unwrap();
+    }
+
+    #[test]
+    fn a_destination_per_namespace_needs_kubernetes_mode() {
+        let per_namespace = ["x", "--dest", "s3://airflow/logs/{namespace}"];
+        let args = Args::try_parse_from(per_namespace).unwrap();
+        let err = args.validate().unwrap_err().to_string();
+        assert!(err.contains("--node-name"), "{err}");
+        assert!(err.contains("e.g. s3://airflow/logs/airflow"), "{err}");
+        let args = Args::try_parse_from([&per_namespace[..], &["--node-name", "node-a"]].concat())
+            .unwrap();
+        args.validate().unwrap();
+        let misspelt = ["x", "--dest", "s3://airflow/logs/{namepsace}"];
+        assert!(Args::try_parse_from(misspelt).is_err());
     }
 
     #[test]

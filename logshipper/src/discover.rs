@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::destination::Place;
 use crate::local_file::FileStat;
 use crate::select::Filter;
 pub use gate::Gate;
@@ -34,6 +35,9 @@ pub struct Source {
     pub draining: bool,
     /// Closed by the pipeline while it follows as many of this source's files as it will.
     pub gate: Gate,
+    /// Where its logs go, when not where the destination itself points (a volume's place
+    /// under its claim's namespace).
+    pub place: Option<Place>,
     dev: u64,
     removed: AtomicBool,
 }
@@ -55,6 +59,7 @@ impl Source {
             root,
             draining: false,
             gate: Gate::default(),
+            place: None,
             dev: meta.dev(),
             removed: AtomicBool::new(false),
         })
@@ -142,7 +147,14 @@ impl Sources {
 
     /// Starts walking and watching `root`; adding a root twice is a no-op.
     pub fn add(&mut self, root: &Path) -> io::Result<Arc<Source>> {
-        let source = Arc::new(Source::new(root)?);
+        self.add_to(root, None)
+    }
+
+    /// As [`Self::add`], its logs going to `place`.
+    pub fn add_to(&mut self, root: &Path, place: Option<Place>) -> io::Result<Arc<Source>> {
+        let mut source = Source::new(root)?;
+        source.place = place;
+        let source = Arc::new(source);
         if let Some((running, _)) = self.running.get(&source.root) {
             return Ok(running.clone());
         }
@@ -153,8 +165,14 @@ impl Sources {
     /// Stops watching `root` and walks it once more as a draining source, whose files are
     /// due at once; `WalkDone` follows the last of them. Called again, it walks again.
     pub async fn drain(&mut self, root: &Path) -> io::Result<Arc<Source>> {
+        self.drain_to(root, None).await
+    }
+
+    /// As [`Self::drain`], its logs going to `place`.
+    pub async fn drain_to(&mut self, root: &Path, place: Option<Place>) -> io::Result<Arc<Source>> {
         let mut source = Source::new(root)?;
         source.draining = true;
+        source.place = place;
         self.remove(&source.root).await;
         let source = Arc::new(source);
         self.start(source.clone(), None);

@@ -136,7 +136,8 @@ impl Error {
 /// `--once`, until everything found is shipped).
 pub async fn run(args: Args, stop: watch::Receiver<bool>) -> Result<Summary> {
     args.validate()?;
-    match args.dest.clone() {
+    // One store for every namespace's prefix; each volume's source carries its own.
+    match args.dest.shared() {
         DestinationUrl::S3 { bucket, prefix } => {
             let settings = S3Settings {
                 bucket,

@@ -378,7 +378,8 @@ impl<D: Destination> Pipeline<D> {
         }
         match self.ctx.ledger.get(&source.id, &id.1) {
             Ok(Some(record))
-                if record.covers(stat, self.ctx.destination.id()) && !is_side_key(&record.key) =>
+                if record.covers(stat, self.ctx.destination_id(&source))
+                    && !is_side_key(&record.key) =>
             {
                 return self.unchanged(&id, stat);
             }
@@ -527,7 +528,7 @@ impl<D: Destination> Pipeline<D> {
     /// Reads what the ledger holds for `source`, off the loop.
     fn load_ledger(&mut self, source: Arc<Source>) {
         let ledger = self.ctx.ledger.clone();
-        let destination = self.ctx.destination.id().to_owned();
+        let destination = self.ctx.destination_id(&source).to_owned();
         self.loading.spawn_blocking(move || {
             let mut seen = Seen::new();
             let read = ledger.each(&source.id, |relative, record| {
@@ -754,12 +755,15 @@ impl<D: Destination> Pipeline<D> {
     /// Runs retention over every known source, off the loop; yields the files removed.
     fn start_sweep(&self) -> tokio::task::JoinHandle<u64> {
         let delete_after = self.settings.delete_after.unwrap_or(Duration::MAX);
-        let sources: Vec<Arc<Source>> = self.sources.values().cloned().collect();
+        let sources: Vec<(Arc<Source>, String)> = self
+            .sources
+            .values()
+            .map(|s| (s.clone(), self.ctx.destination_id(s).to_owned()))
+            .collect();
         let ledger = self.ctx.ledger.clone();
-        let destination = self.ctx.destination.id().to_owned();
         let metrics = self.metrics.clone();
         tokio::task::spawn_blocking(move || {
-            let files = retain::sweep_all(&ledger, &sources, &destination, delete_after);
+            let files = retain::sweep_all(&ledger, &sources, delete_after);
             metrics.deleted.inc_by(files);
             files
         })

@@ -74,16 +74,15 @@ pub fn sweep(
     Ok(swept)
 }
 
-/// [`sweep`] over several sources; a failing source is logged and the others still swept.
-/// Returns the files removed.
+/// [`sweep`] over several sources, each with the destination its logs go to; a failing
+/// source is logged and the others still swept. Returns the files removed.
 pub fn sweep_all(
     ledger: &Ledger,
-    sources: &[Arc<Source>],
-    destination: &str,
+    sources: &[(Arc<Source>, String)],
     delete_after: Duration,
 ) -> u64 {
     let mut files = 0;
-    for source in sources {
+    for (source, destination) in sources {
         match sweep(ledger, source, destination, delete_after) {
             Ok(swept) => files += swept.files,
             Err(e) => {

@@ -31,6 +31,24 @@ pub struct Context<D> {
     pub max_file_size: u64,
 }
 
+impl<D: Destination> Context<D> {
+    /// Names where `source`'s logs go, in the ledger: its own place, else the destination.
+    pub fn destination_id<'a>(&'a self, source: &'a Source) -> &'a str {
+        source
+            .place
+            .as_ref()
+            .map_or_else(|| self.destination.id(), |place| &place.id)
+    }
+
+    /// The key prefix of `source`'s logs.
+    pub fn prefix<'a>(&'a self, source: &'a Source) -> &'a str {
+        source
+            .place
+            .as_ref()
+            .map_or_else(|| self.destination.prefix(), |place| &place.prefix)
+    }
+}
+
 /// Holes a log may have before it counts as sparse: a log is written, never seeked past.
 const MAX_HOLES: u64 = 1 << 20;
 
@@ -137,7 +155,7 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         return Ok(Outcome::Skipped(SkipReason::TooLarge));
     }
     let dest = &ctx.destination;
-    let key = object_key(dest.prefix(), &job.relative);
+    let key = object_key(ctx.prefix(&job.source), &job.relative);
     if dest.max_key_bytes().is_some_and(|max| !fits(&key, max)) {
         return Ok(Outcome::Skipped(SkipReason::KeyTooLong));
     }
@@ -145,7 +163,7 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
     let previous = ctx
         .ledger
         .get(&job.source.id, &job.relative)?
-        .filter(|r| r.destination == dest.id());
+        .filter(|r| r.destination == ctx.destination_id(&job.source));
     // A large log never shipped before goes while it is hashed, where the store can.
     // `found` is what stood under the key if the store already looked.
     let mut found = None;
@@ -243,7 +261,7 @@ pub async fn ship<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome
         }
         Plan::Beside { key } => {
             tracing::warn!(
-                file = %content.path.display(), existing = %object_key(dest.prefix(), &job.relative), copy = %key,
+                file = %content.path.display(), existing = %object_key(ctx.prefix(&job.source), &job.relative), copy = %key,
                 "the destination holds a different version of this log; keeping it and shipping the file beside it"
             );
             let info = match dest.head(&key).await? {
@@ -276,7 +294,7 @@ async fn ship_alongside<D: Destination>(
         return Ok(None);
     }
     let dest = &ctx.destination;
-    let key = object_key(dest.prefix(), &job.relative);
+    let key = object_key(ctx.prefix(&job.source), &job.relative);
     let side = side_key(&key, &writer_id(&alongside.host, &job.source.id));
     let file = match &content.data {
         Some(data) => data.clone(),
@@ -385,7 +403,7 @@ async fn gone<D: Destination>(ctx: &Context<D>, job: &Job) -> Result<Outcome> {
     else {
         return Ok(Outcome::Gone);
     };
-    let key = object_key(dest.prefix(), &job.relative);
+    let key = object_key(ctx.prefix(&job.source), &job.relative);
     let (Some(object), Some(part)) = (
         dest.get(&key, COMPARE_LIMIT).await?,
         dest.get(&side, COMPARE_LIMIT).await?,
@@ -472,7 +490,7 @@ async fn record<D: Destination>(
     let record = Record {
         stat,
         sha256: content.sha256.clone(),
-        destination: ctx.destination.id().to_owned(),
+        destination: ctx.destination_id(&job.source).to_owned(),
         key: key.clone(),
         etag: info.etag,
         part_sha256: matches!(how, How::Side | How::SideKept)
@@ -598,6 +616,7 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 mod tests {
     use super::*;
     use crate::destination::file::FileDestination;
+    use crate::destination::Place;
 
     const REL: &str = "dag_id=a/run_id=manual__2024-01-01T00:00:00+00:00/task_id=t/attempt=1.log";
 
@@ -725,6 +744,58 @@ mod tests {
         file.set_modified(mtime).unwrap();
         assert_eq!(s.shipped(touched).await.how, How::Unchanged);
         assert_eq!(s.object(REL), None, "the destination was not written");
+    }
+
+    #[tokio::test]
+    async fn a_source_with_a_place_of_its_own_ships_there_and_records_it() {
+        let mut s = Setup::new();
+        let stat = s.write_local(b"team a\n");
+        let place = |namespace: &str| Place {
+            id: format!("s3://airflow/logs/{namespace}"),
+            prefix: format!("logs/{namespace}"),
+        };
+        let mut source = Source::new(&s.source.root).unwrap();
+        source.place = Some(place("team-a"));
+        s.source = Arc::new(source);
+        let shipped = s.shipped(stat).await;
+        let key = format!("logs/team-a/{REL}");
+        assert_eq!((shipped.how, &shipped.key), (How::Uploaded, &key));
+        assert_eq!(s.object(&key).unwrap(), b"team a\n");
+        assert_eq!(
+            s.object(REL),
+            None,
+            "nothing under the destination's own prefix"
+        );
+        let record = s.ctx.ledger.get(&s.source.id, REL).unwrap().unwrap();
+        assert!(record.covers(stat, "s3://airflow/logs/team-a"));
+        assert!(!record.covers(stat, s.ctx.destination.id()));
+        // Its place changed: what was shipped elsewhere does not count, it ships anew.
+        let mut source = Source::new(&s.source.root).unwrap();
+        source.place = Some(place("team-b"));
+        s.source = Arc::new(source);
+        let shipped = s.shipped(stat).await;
+        assert_eq!(shipped.key, format!("logs/team-b/{REL}"));
+        assert_eq!(shipped.how, How::Uploaded);
+    }
+
+    #[tokio::test]
+    async fn beside_airflow_a_place_of_its_own_holds_the_side_key_too() {
+        let mut s = Setup::alongside();
+        let mut source = Source::new(&s.source.root).unwrap();
+        source.place = Some(Place {
+            id: "s3://airflow/logs/team-a".into(),
+            prefix: "logs/team-a".into(),
+        });
+        s.source = Arc::new(source);
+        let stat = s.write_local(b"a1\n");
+        let shipped = s.shipped(stat).await;
+        let key = format!("logs/team-a/{REL}");
+        let side = side_key(&key, &writer_id("node-a", &s.source.id));
+        assert_eq!((shipped.how, &shipped.key), (How::Side, &side));
+        assert_eq!(s.object(&side).unwrap(), b"a1\n");
+        let shipped = s.ship_final(stat).await;
+        assert_eq!((shipped.how, &shipped.key), (How::Uploaded, &key));
+        assert_eq!(s.object(&side), None);
     }
 
     #[tokio::test]

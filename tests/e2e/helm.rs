@@ -447,7 +447,7 @@ spec:
             "worker",
             "logs",
             "10Gi",
-            "localship.io/ship-to: s3://airflow/logs",
+            "localship.io/ship-to: 's3://airflow/logs/{namespace}'",
         ),
         sts("triggerer", "logs", "10Gi", ""),
         sts("scheduler", "logs", "10Gi", ""),
@@ -525,7 +525,7 @@ async fn airflow_claims_without_a_class_bind_through_the_charts_default_class() 
     let worker_claim = pvcs.get("logs-airflow-worker-0").await?;
     assert_eq!(
         worker_claim.metadata.annotations.unwrap()["localship.io/ship-to"],
-        "s3://airflow/logs"
+        "s3://airflow/logs/{namespace}"
     );
 
     // helm uninstall of Airflow leaves StatefulSet claims; deleting them

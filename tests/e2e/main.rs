@@ -16,3 +16,4 @@ mod provisioner;
 mod real_airflow;
 mod shipper_volumes;
 mod smoke;
+mod tenancy;

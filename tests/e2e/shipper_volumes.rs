@@ -18,13 +18,13 @@ use localship_tests::{apply_yaml, control_plane, wait_for, Minio, ProvisionerAge
 
 use crate::common::*;
 
-const SHIP_LOGS: &str = "localship.io/ship-logs";
-const OPT_IN: &str = "localship.io/ship-to";
+pub(crate) const SHIP_LOGS: &str = "localship.io/ship-logs";
+pub(crate) const OPT_IN: &str = "localship.io/ship-to";
 const DEST: &str = "s3://airflow/logs";
 const RUN: &str = "dag_id=etl/run_id=manual__2024-01-01T00:00:00+00:00";
 
 /// A claim with `annotations` (a YAML flow mapping) and a pod on `node` that uses it.
-async fn claim_with_pod_annotated(
+pub(crate) async fn claim_with_pod_annotated(
     client: &Client,
     ns: &str,
     claim: &str,
@@ -76,7 +76,7 @@ fn ever_held(client: &Client, node: &str) -> Arc<Mutex<HashSet<String>>> {
     held
 }
 
-fn write(root: &Path, relative: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write(root: &Path, relative: &str, bytes: &[u8]) -> Result<()> {
     let path = root.join(relative);
     std::fs::create_dir_all(path.parent().context("a parent")?)?;
     std::fs::write(path, bytes)?;

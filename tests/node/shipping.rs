@@ -22,7 +22,8 @@ use crate::Env;
 
 /// The bucket `DEST` names, made when the node starts (docs/airflow.md's step 2).
 pub const BUCKET: &str = "airflow";
-const DEST: &str = "s3://airflow/logs";
+/// The default of the overlay and the chart: each claim's logs under its namespace.
+const DEST: &str = "s3://airflow/logs/{namespace}";
 const SHIP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longer than the shipper's settle period (5 s) and a few of its retries.
 const OUTAGE: Duration = Duration::from_secs(15);
@@ -53,9 +54,10 @@ fn expected_log(attempt: u32) -> Vec<u8> {
     text.into_bytes()
 }
 
-/// Waits until Airflow's reader finds exactly what the pod wrote under the log's key.
-async fn wait_shipped(env: &Env, attempt: u32) -> Result<()> {
-    let key = format!("logs/{}", log_path(attempt));
+/// Waits until Airflow's reader, with `remote_base_log_folder` at `ns`'s prefix, finds
+/// exactly what the pod wrote under the log's key.
+async fn wait_shipped(env: &Env, ns: &str, attempt: u32) -> Result<()> {
+    let key = format!("logs/{ns}/{}", log_path(attempt));
     let want = expected_log(attempt);
     wait_for(&format!("{key} to be shipped"), SHIP_TIMEOUT, || async {
         Ok(match env.minio.log_view(BUCKET, &key).await? {
@@ -146,7 +148,7 @@ async fn ships_and_holds_through_outage(env: &mut Env) -> Result<()> {
     let pv = wait_bound(&client, &ns, "logs").await?;
     let pv_name = pv.metadata.name.clone().context("PV name")?;
     let dir = host_path(&pv);
-    wait_shipped(env, 1).await?;
+    wait_shipped(env, &ns, 1).await?;
     ensure!(
         std::fs::read(Path::new(&dir).join(log_path(1)))? == expected_log(1),
         "the file on the host is not what the pod wrote"
@@ -186,10 +188,10 @@ async fn ships_and_holds_through_outage(env: &mut Env) -> Result<()> {
     );
 
     env.minio.resume().await?;
-    wait_shipped(env, 2).await?;
+    wait_shipped(env, &ns, 2).await?;
     wait_pv_gone(&client, &pv_name).await?;
     ensure!(!Path::new(&dir).exists(), "{dir} left on the host");
-    wait_shipped(env, 1).await
+    wait_shipped(env, &ns, 1).await
 }
 
 /// The docs' Helm path: the namespace, its Pod Security label, the Secret,
@@ -261,7 +263,7 @@ pub async fn helm_ships(env: &mut Env) -> Result<()> {
     .await?;
     wait_phase(&client, &ns, "worker", "Succeeded").await?;
     let pv = wait_bound(&client, &ns, "logs").await?;
-    wait_shipped(env, 3).await?;
+    wait_shipped(env, &ns, 3).await?;
     delete_pod(&client, &ns, "worker").await?;
     Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
         .delete("logs", &Default::default())

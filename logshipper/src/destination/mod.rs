@@ -2,6 +2,7 @@
 
 pub mod file;
 pub mod s3;
+mod url;
 
 use std::fs::File;
 use std::future::Future;
@@ -10,8 +11,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::key::normalize_prefix;
 use crate::local_file::{Extra, Parts};
+
+pub use url::{DestinationUrl, Place, UrlError};
 
 /// Metadata key holding the SHA-256 (hex) of an object we wrote, so `head` can compare
 /// contents without downloading (sent as `x-amz-meta-localship-sha256`).
@@ -287,133 +289,9 @@ const PERMANENT_CODES: &[&str] = &[
     "XMinioObjectNameTooLong",
 ];
 
-/// `--dest`, parsed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DestinationUrl {
-    S3 { bucket: String, prefix: String },
-    File { dir: PathBuf },
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid destination `{url}`: {reason}; expected s3://bucket/prefix or file:///dir")]
-pub struct UrlError {
-    url: String,
-    reason: &'static str,
-}
-
-impl std::str::FromStr for DestinationUrl {
-    type Err = UrlError;
-
-    fn from_str(url: &str) -> Result<Self, UrlError> {
-        let error = |reason| UrlError {
-            url: url.to_owned(),
-            reason,
-        };
-        if let Some(rest) = url.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if !valid_bucket(bucket) {
-                return Err(error(
-                    "bucket names are 3-63 lowercase letters, digits, `.` or `-`",
-                ));
-            }
-            return Ok(DestinationUrl::S3 {
-                bucket: bucket.to_owned(),
-                prefix: normalize_prefix(prefix),
-            });
-        }
-        if let Some(path) = url.strip_prefix("file://") {
-            if path.is_empty() {
-                return Err(error("the directory is missing"));
-            }
-            return Ok(DestinationUrl::File { dir: path.into() });
-        }
-        Err(error("unknown scheme"))
-    }
-}
-
-/// The URL again, normalised: `s3://airflow/logs`, `file:///var/archive`.
-impl std::fmt::Display for DestinationUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DestinationUrl::S3 { bucket, prefix } if prefix.is_empty() => {
-                write!(f, "s3://{bucket}")
-            }
-            DestinationUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
-            DestinationUrl::File { dir } => write!(f, "file://{}", dir.display()),
-        }
-    }
-}
-
-fn valid_bucket(bucket: &str) -> bool {
-    (3..=63).contains(&bucket.len())
-        && bucket
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-        && !bucket.starts_with(['.', '-'])
-        && !bucket.ends_with(['.', '-'])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(url: &str) -> Result<DestinationUrl, UrlError> {
-        url.parse()
-    }
-
-    #[test]
-    fn s3_urls() {
-        let s3 = |bucket: &str, prefix: &str| DestinationUrl::S3 {
-            bucket: bucket.into(),
-            prefix: prefix.into(),
-        };
-        assert_eq!(parse("s3://airflow/logs"), Ok(s3("airflow", "logs")));
-        assert_eq!(parse("s3://airflow/logs/"), Ok(s3("airflow", "logs")));
-        assert_eq!(parse("s3://airflow"), Ok(s3("airflow", "")));
-        assert_eq!(parse("s3://airflow/"), Ok(s3("airflow", "")));
-        assert_eq!(
-            parse("s3://my.bucket-1/a//b/"),
-            Ok(s3("my.bucket-1", "a/b"))
-        );
-    }
-
-    #[test]
-    fn urls_print_normalised() {
-        for (url, shown) in [
-            ("s3://airflow/logs/", "s3://airflow/logs"),
-            ("s3://airflow", "s3://airflow"),
-            ("file:///var/archive", "file:///var/archive"),
-        ] {
-            assert_eq!(parse(url).unwrap().to_string(), shown);
-        }
-    }
-
-    #[test]
-    fn file_urls() {
-        let file = |dir: &str| DestinationUrl::File { dir: dir.into() };
-        assert_eq!(parse("file:///var/archive"), Ok(file("/var/archive")));
-        assert_eq!(parse("file://./shipped-logs"), Ok(file("./shipped-logs")));
-        assert_eq!(parse("file://shipped"), Ok(file("shipped")));
-    }
-
-    #[test]
-    fn bad_urls_say_what_is_expected() {
-        for url in [
-            "s3://",
-            "s3://Airflow/logs",
-            "s3://ab",
-            "s3://-x-/",
-            "file://",
-            "/var/logs",
-            "http://x",
-        ] {
-            let err = parse(url).unwrap_err();
-            assert!(
-                err.to_string().contains("expected s3://bucket/prefix"),
-                "{url}: {err}"
-            );
-        }
-    }
 
     #[test]
     fn errors_say_what_to_fix() {

@@ -22,7 +22,7 @@ use super::finalizer;
 use super::opt_in::{self, Asked, OptIn};
 use super::volume::Volume;
 use crate::cli::Args;
-use crate::destination::DestinationUrl;
+use crate::destination::{DestinationUrl, Place};
 use crate::discover::{Source, Sources};
 use crate::metrics::Metrics;
 use crate::pipeline::Refused;
@@ -184,7 +184,21 @@ impl Context {
             class_parameters: class.as_ref().and_then(|c| c.parameters.as_ref()),
             class_annotations: class.as_ref().and_then(|c| c.metadata.annotations.as_ref()),
         };
-        Ok(opt_in::decide(&self.annotation, &self.dest, asked))
+        let namespace = spec
+            .and_then(|s| s.claim_ref.as_ref())
+            .and_then(|r| r.namespace.as_deref());
+        Ok(opt_in::decide(
+            &self.annotation,
+            &self.dest,
+            namespace,
+            asked,
+        ))
+    }
+
+    /// Where the volume's logs go: under its claim's namespace when `--dest` says so.
+    fn place(&self, volume: &Volume) -> Result<Option<Place>, String> {
+        let dest = opt_in::destination_of(&self.dest, volume.namespace.as_deref());
+        dest.map(|dest| dest.place())
     }
 
     /// Reports why a volume is not shipped, once per PV and message: on its claim, where its
@@ -262,6 +276,14 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
             return Ok(Action::await_change());
         }
     };
+    let place = match ctx.place(&volume) {
+        Ok(place) => place,
+        Err(why) => {
+            ctx.refuse(&pv, format!("{why}; its logs are not shipped"))
+                .await;
+            return Ok(Action::await_change());
+        }
+    };
     let api = Api::<PersistentVolume>::all(ctx.client.clone());
     // The finalizer before the watch: a volume shipped from is never removed unshipped.
     if !held && !finalizer::hold(&api, &pv).await? {
@@ -276,7 +298,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         ctx.sources
             .lock()
             .await
-            .add(&volume.host_path)
+            .add_to(&volume.host_path, place)
             .map_err(|e| unreadable(&volume, e))?;
         tracing::info!(pv = %volume.name, dir = %volume.host_path.display(), "shipping this volume's logs");
         let mut shipping = ctx.shipping.lock().expect("not poisoned");
@@ -305,7 +327,15 @@ async fn drain(pv: &PersistentVolume, ctx: &Context) -> Result<Action> {
         .get(&volume.name)
         .and_then(|s| s.drain.clone());
     let Some(source) = draining else {
-        let started = ctx.sources.lock().await.drain(&volume.host_path).await;
+        let place = ctx.place(&volume).map_err(|why| {
+            Error::Volume(format!(
+                "{why}; the PV keeps the {} finalizer until that is fixed",
+                super::names::SHIP_LOGS_FINALIZER
+            ))
+        })?;
+        let mut sources = ctx.sources.lock().await;
+        let started = sources.drain_to(&volume.host_path, place).await;
+        drop(sources);
         match started {
             Ok(source) => {
                 tracing::info!(pv = %volume.name, "PV deleted; shipping every log in it before letting it go");

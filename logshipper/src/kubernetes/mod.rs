@@ -79,7 +79,7 @@ pub async fn watch_volumes(
         store.clone(),
         metrics,
     ));
-    tracing::info!(node, annotation = %args.opt_in_annotation, "Kubernetes mode: shipping this node's opted-in volumes");
+    tracing::info!(node, annotation = %args.opt_in_annotation, dest = %args.dest, "Kubernetes mode: shipping this node's opted-in volumes");
 
     let run = volumes
         .run(controller::reconcile, controller::error_policy, ctx.clone())

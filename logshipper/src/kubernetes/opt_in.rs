@@ -1,9 +1,11 @@
 //! Whether a volume's logs are shipped: its claim, else its StorageClass (a parameter, then
 //! an annotation), carries the opt-in annotation naming this shipper's destination. Pure.
 //!
-//! The value must name the same destination as `--dest` (compared parsed, so a trailing
-//! slash does not matter): one shipper per node ships to one place, and a volume that asks
-//! for another is refused loudly rather than shipped somewhere it did not ask for.
+//! The value must name the volume's destination (compared parsed, so a trailing slash does
+//! not matter): `--dest`, with `{namespace}` in it rendered with the claim's namespace, or
+//! `--dest` itself as written (one value a StorageClass can give every namespace). A volume
+//! that asks for another, another namespace's included, is refused loudly rather than
+//! shipped somewhere it did not ask for.
 
 use std::collections::BTreeMap;
 
@@ -29,7 +31,13 @@ pub struct Asked<'a> {
     pub class_annotations: Option<&'a Annotations>,
 }
 
-pub fn decide(key: &str, dest: &DestinationUrl, asked: Asked<'_>) -> OptIn {
+/// `namespace` is the claim's, from the PV's `claimRef`.
+pub fn decide(
+    key: &str,
+    dest: &DestinationUrl,
+    namespace: Option<&str>,
+    asked: Asked<'_>,
+) -> OptIn {
     let places = [
         ("the claim's annotation", asked.claim),
         ("the PV's annotation", asked.volume),
@@ -42,15 +50,43 @@ pub fn decide(key: &str, dest: &DestinationUrl, asked: Asked<'_>) -> OptIn {
     else {
         return OptIn::No;
     };
+    let wanted = match destination_of(dest, namespace) {
+        Ok(wanted) => wanted,
+        Err(why) => {
+            return OptIn::Refused(format!(
+                "{place} {key} asks for shipping, but {why}; the volume's logs are not shipped"
+            ))
+        }
+    };
+    let (ships_to, set) = if dest.per_namespace() {
+        (
+            format!("ships this namespace's volumes to {wanted} (--dest {dest})"),
+            format!("{wanted} or {dest}"),
+        )
+    } else {
+        (format!("ships to {dest} (--dest)"), dest.to_string())
+    };
     match value.trim().parse::<DestinationUrl>() {
-        Ok(named) if &named == dest => OptIn::Yes,
+        Ok(named) if named == wanted || &named == dest => OptIn::Yes,
         Ok(named) => OptIn::Refused(format!(
-            "{place} {key} asks for {named}, but this node's log shipper ships to {dest} \
-             (--dest); the volume's logs are not shipped — set it to {dest}"
+            "{place} {key} asks for {named}, but this node's log shipper {ships_to}; the \
+             volume's logs are not shipped — set it to {set}"
         )),
         Err(e) => OptIn::Refused(format!(
-            "{place} {key}: {e}; the volume's logs are not shipped — set it to {dest}"
+            "{place} {key}: {e}; the volume's logs are not shipped — set it to {set}"
         )),
+    }
+}
+
+/// Where a volume whose claim is in `namespace` ships: `--dest`, rendered.
+pub fn destination_of(
+    dest: &DestinationUrl,
+    namespace: Option<&str>,
+) -> Result<DestinationUrl, String> {
+    match namespace {
+        Some(namespace) => dest.render(namespace),
+        None if dest.per_namespace() => Err(format!("the PV names no claim namespace for {dest}")),
+        None => Ok(dest.clone()),
     }
 }
 
@@ -83,7 +119,7 @@ mod tests {
             class_parameters: Some(&params),
             class_annotations: Some(&class),
         };
-        decide(KEY, &dest(), asked)
+        decide(KEY, &dest(), Some("team-a"), asked)
     }
 
     #[test]
@@ -95,7 +131,7 @@ mod tests {
             class_parameters: None,
             class_annotations: None,
         };
-        assert_eq!(decide(KEY, &dest(), asked), OptIn::No);
+        assert_eq!(decide(KEY, &dest(), Some("team-a"), asked), OptIn::No);
     }
 
     #[test]
@@ -148,11 +184,90 @@ mod tests {
             class_parameters: Some(&other),
             class_annotations: None,
         };
-        assert_eq!(decide(KEY, &dest(), asked(None)), OptIn::Yes);
+        assert_eq!(
+            decide(KEY, &dest(), Some("team-a"), asked(None)),
+            OptIn::Yes
+        );
         let claim = map(&[(KEY, "s3://other")]);
         assert!(matches!(
-            decide(KEY, &dest(), asked(Some(&claim))),
+            decide(KEY, &dest(), Some("team-a"), asked(Some(&claim))),
             OptIn::Refused(_)
         ));
+    }
+
+    fn per_namespace() -> DestinationUrl {
+        "s3://airflow/logs/{namespace}".parse().unwrap()
+    }
+
+    fn decide_in(namespace: Option<&str>, value: &str) -> OptIn {
+        let claim = map(&[(KEY, value)]);
+        let asked = Asked {
+            claim: Some(&claim),
+            volume: None,
+            class_parameters: None,
+            class_annotations: None,
+        };
+        decide(KEY, &per_namespace(), namespace, asked)
+    }
+
+    #[test]
+    fn per_namespace_a_volume_may_name_its_own_prefix_or_the_template() {
+        let team_a = Some("team-a");
+        assert_eq!(decide_in(team_a, "s3://airflow/logs/team-a"), OptIn::Yes);
+        assert_eq!(decide_in(team_a, "s3://airflow/logs/team-a/"), OptIn::Yes);
+        assert_eq!(
+            decide_in(team_a, "s3://airflow/logs/{namespace}"),
+            OptIn::Yes
+        );
+        // A StorageClass parameter shared by every namespace.
+        let params = map(&[(KEY, "s3://airflow/logs/{namespace}")]);
+        let asked = Asked {
+            claim: None,
+            volume: None,
+            class_parameters: Some(&params),
+            class_annotations: None,
+        };
+        assert_eq!(
+            decide(KEY, &per_namespace(), Some("team-b"), asked),
+            OptIn::Yes
+        );
+    }
+
+    #[test]
+    fn per_namespace_another_namespaces_prefix_is_refused() {
+        for value in [
+            "s3://airflow/logs/team-a",
+            "s3://airflow/logs",
+            "s3://airflow/logs/team-b/../team-a",
+            "s3://airflow/logs/team-b/x",
+            "s3://airflow/{namespace}/logs",
+        ] {
+            match decide_in(Some("team-b"), value) {
+                OptIn::Refused(m) => assert!(
+                    m.contains(
+                        "set it to s3://airflow/logs/team-b or s3://airflow/logs/{namespace}"
+                    ),
+                    "{value}: {m}"
+                ),
+                other => panic!("{value}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn per_namespace_without_a_usable_namespace_nothing_ships() {
+        for namespace in [None, Some("../team-a"), Some("Team-B")] {
+            let decided = decide_in(namespace, "s3://airflow/logs/{namespace}");
+            assert!(
+                matches!(&decided, OptIn::Refused(m) if m.contains("not shipped")),
+                "{namespace:?}: {decided:?}"
+            );
+        }
+        assert_eq!(
+            destination_of(&per_namespace(), Some("team-a")),
+            Ok("s3://airflow/logs/team-a".parse().unwrap())
+        );
+        assert!(destination_of(&per_namespace(), None).is_err());
+        assert_eq!(destination_of(&dest(), None), Ok(dest()));
     }
 }

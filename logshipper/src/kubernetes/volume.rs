@@ -1,4 +1,5 @@
-//! One of this node's PVs as the shipper sees it: where its directory is. Pure, from the PV.
+//! One of this node's PVs as the shipper sees it: where its directory is and whose it is.
+//! Pure, from the PV.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -15,6 +16,8 @@ pub struct Volume {
     /// The directory it was made under. If this is missing too, the base path is not mounted
     /// in this container, which is not the same as the volume's directory being gone.
     pub base_path: PathBuf,
+    /// Its claim's namespace (from `claimRef`): whose logs these are.
+    pub namespace: Option<String>,
 }
 
 impl Volume {
@@ -68,10 +71,14 @@ impl Volume {
                 "PV {name}: {HOST_PATH} `{host}` differs from the volume's path `{path}`"
             ));
         }
+        let namespace = spec
+            .and_then(|s| s.claim_ref.as_ref())
+            .and_then(|r| r.namespace.clone());
         Ok(Self {
             name,
             host_path,
             base_path,
+            namespace,
         })
     }
 }
@@ -92,8 +99,9 @@ mod tests {
     use serde_json::json;
 
     fn pv(annotations: serde_json::Value, path: Option<&str>) -> PersistentVolume {
+        let claim = json!({ "namespace": "team-a", "name": "logs" });
         let spec = match path {
-            Some(path) => json!({ "hostPath": { "path": path } }),
+            Some(path) => json!({ "hostPath": { "path": path }, "claimRef": claim }),
             None => json!({}),
         };
         serde_json::from_value(json!({
@@ -114,9 +122,11 @@ mod tests {
         assert_eq!(v.host_path, PathBuf::from(host));
         assert_eq!(v.base_path, PathBuf::from("/var/localship"));
         assert_eq!(v.name, "pvc-1");
+        assert_eq!(v.namespace.as_deref(), Some("team-a"));
         let no_base = json!({ NODE: "node-a", HOST_PATH: host });
         let v = Volume::of(&pv(no_base, None), "node-a").unwrap();
         assert_eq!(v.base_path, PathBuf::from("/var/localship"));
+        assert_eq!(v.namespace, None);
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub async fn run() -> Result<Tally> {
     files(&minio, &mut rows).await?;
     missing_bucket(&minio, &mut rows).await?;
     refused(&minio, &mut rows).await?;
+    per_namespace_without_kubernetes(&minio, &mut rows).await?;
     long_name_to_a_folder(&minio, &mut rows).await?;
     super::rewritten::run(&minio, &mut rows).await?;
     Ok(rows.0)
@@ -382,6 +383,44 @@ async fn refused(minio: &Minio, rows: &mut Rows) -> Result<()> {
             "alive, not ready, nothing shipped, the log says what is wrong",
         );
         shipper.stop(Duration::from_secs(10));
+    }
+    Ok(())
+}
+
+/// A `--dest` whose prefix names a namespace, which only Kubernetes mode knows, or a misspelt
+/// placeholder, which would be one literal prefix shared by every tenant: refused at start,
+/// saying what to fix, before anything is written.
+async fn per_namespace_without_kubernetes(minio: &Minio, rows: &mut Rows) -> Result<()> {
+    let cases = [
+        (
+            "{namespace} in --dest, standalone",
+            "{namespace}",
+            "--node-name",
+        ),
+        (
+            "a misspelt {namespace} in --dest",
+            "{namepsace}",
+            "only placeholder",
+        ),
+    ];
+    for (name, placeholder, needle) in cases {
+        let (source, _) = good_source("per-namespace")?;
+        let dest = format!("s3://{BUCKET}/tenants/{placeholder}");
+        let shipper = ShipperAgent::standalone(minio, &source, &dest, &[])?;
+        let mut once = shipper.spawn_once(&[])?;
+        let status = once.wait(Duration::from_secs(60))?;
+        let said = once.log_tail(5);
+        let leaked = minio
+            .list_keys(BUCKET)
+            .await?
+            .iter()
+            .any(|k| k.starts_with("tenants/"));
+        eprintln!("    --once said: {}", said.trim());
+        rows.row(
+            name,
+            status.code() == Some(2) && said.contains(needle) && !leaked,
+            &format!("exit {status}, says `{needle}`, nothing shipped"),
+        );
     }
     Ok(())
 }
