@@ -647,8 +647,9 @@ impl<D: Destination> Pipeline<D> {
                 self.provisional.remove(&id);
             }
             Ok(Outcome::Skipped(reason)) => {
-                tracing::warn!(file = %file.display(), reason = reason.label(), "not shipping this file");
-                self.refuse(&id, reason);
+                if self.refuse(&id, reason) {
+                    tracing::warn!(file = %file.display(), reason = reason.label(), "not shipping this file; more are summed up once a minute");
+                }
             }
             // Not retried: the same request can only be refused again. Changed, it is tried anew.
             Err(e) if e.is_permanent() => {
@@ -656,8 +657,9 @@ impl<D: Destination> Pipeline<D> {
                     .failures
                     .with_label_values(&[e.metric_label()])
                     .inc();
-                tracing::warn!(file = %file.display(), error = %e, "the destination refuses this file for good; not shipping it");
-                self.refuse(&id, SkipReason::Refused);
+                if self.refuse(&id, SkipReason::Refused) {
+                    tracing::warn!(file = %file.display(), error = %e, "the destination refuses this file for good; not shipping it");
+                }
             }
             Err(e) => {
                 self.metrics
@@ -684,10 +686,11 @@ impl<D: Destination> Pipeline<D> {
         }
     }
 
-    /// A file that will not ship as it is: counted, told about, and left alone until it changes.
-    fn refuse(&mut self, id: &FileId, reason: SkipReason) {
+    /// A file that will not ship as it is: counted, told about, and left alone until it
+    /// changes; `true` when it is the first of its source this minute, to warn of.
+    fn refuse(&mut self, id: &FileId, reason: SkipReason) -> bool {
         let Some(entry) = self.entries.remove(id) else {
-            return;
+            return false;
         };
         self.metrics
             .skipped
@@ -696,7 +699,7 @@ impl<D: Destination> Pipeline<D> {
         *self.summary.skipped.entry(reason.label()).or_default() += 1;
         self.settled.insert(&id.0, &id.1, entry.obs.stat);
         self.provisional.remove(id);
-        self.refusals.add(&entry.source, &id.1, reason.label());
+        self.refusals.add(&entry.source, &id.1, reason.label())
     }
 
     fn count_shipped(&mut self, relative: &str, how: How, size: u64, elapsed: Duration) {

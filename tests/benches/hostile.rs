@@ -5,8 +5,12 @@
 //! measure is when each is visible in the bucket after its last write. The anchor is the
 //! same daemon and logs in the same run, with the hostile source empty.
 //!
+//! Then the memory it takes to skip: a volume holding 1,000,000 symlinks named like logs,
+//! each skipped and counted, against the same daemon's with the volume empty.
+//!
 //! `cargo bench -p localship-tests --bench hostile` (LOCALSHIP_BENCH_LOGS, default 100;
-//! LOCALSHIP_BENCH_HOSTILE_FILES, default 100000; LOCALSHIP_BENCH_SETTLE, default 2s).
+//! LOCALSHIP_BENCH_HOSTILE_FILES, default 100000; LOCALSHIP_BENCH_SKIPPED, default
+//! 1000000; LOCALSHIP_BENCH_SETTLE, default 2s).
 //! `LOCALSHIP_PROFILE=<dir under target/>` runs another build of the shipper.
 
 use std::collections::HashMap;
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{ensure, Result};
 use localship_tests::bench::{env_or, list_every_25ms, mib, pct, FirstListed};
+use localship_tests::shipper::metric_value;
 use localship_tests::{scratch_dir, Minio, ShipperAgent};
 
 const BUCKET: &str = "hostile";
@@ -38,8 +43,10 @@ async fn main() -> Result<()> {
     let minio = Minio::start().await?;
     minio.create_bucket(BUCKET).await?;
 
+    let skipped: usize = env_or("LOCALSHIP_BENCH_SKIPPED", 1_000_000);
     let alone = run(&minio, "alone", 0, n, &settle_arg).await?;
     let beside = run(&minio, "beside", hostile_files, n, &settle_arg).await?;
+    let (links, rss, counted) = skipping(&minio, skipped).await?;
 
     println!(
         "\nS5: {n} logs finished one after another in one volume, --settle={settle_arg}: last write -> visible"
@@ -82,7 +89,50 @@ async fn main() -> Result<()> {
         beside.refused,
         beside.touches,
     );
+    println!(
+        "\nS5: {links} symlinks in one volume, each skipped: peak RSS {:.1} MiB vs {:.1} MiB with \
+         the volume empty ({:.2}x; the DaemonSet's limit is 256 MiB); skipped_total{{reason=\"symlink\"}} {counted}",
+        mib(rss / 1024),
+        mib(alone.peak_rss / 1024),
+        rss as f64 / alone.peak_rss as f64,
+    );
     Ok(())
+}
+
+/// A daemon over a volume of `links` symlinks named like logs, until each was skipped once;
+/// its peak RSS meanwhile and the count it reports.
+async fn skipping(minio: &Minio, links: usize) -> Result<(usize, u64, u64)> {
+    let source = scratch_dir("bench-hostile-symlinks")?;
+    for dir in 0..links.div_ceil(1000) {
+        let dir = source.join(format!("dag_id=links/run_id=r/task_id=t{dir}"));
+        std::fs::create_dir_all(&dir)?;
+        for i in 0..1000 {
+            std::os::unix::fs::symlink("/etc/hostname", dir.join(format!("attempt={i}.log")))?;
+        }
+    }
+    let links = links.div_ceil(1000) * 1000;
+    let dest = format!("s3://{BUCKET}/links");
+    let mut shipper = ShipperAgent::standalone(minio, &source, &dest, &["--rescan=15s"])?;
+    shipper.start().await?;
+    let series = r#"localship_logshipper_skipped_total{reason="symlink"}"#;
+    let mut peak = 0;
+    // The first walk and one rescan after it (paths past the remembered cap come again).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut counted = 0;
+    while Instant::now() < deadline {
+        peak = peak.max(shipper.rss_bytes()?);
+        counted = shipper.metric(series)?.unwrap_or(0.0) as u64;
+        if counted > links as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shipper.check_running()?;
+    ensure!(
+        counted > links as u64,
+        "{counted} of {links} symlinks counted twice in five minutes"
+    );
+    Ok((links, peak, counted))
 }
 
 async fn run(
@@ -94,7 +144,8 @@ async fn run(
 ) -> Result<Measured> {
     let quiet = scratch_dir(&format!("bench-hostile-{name}-quiet"))?;
     let hostile = scratch_dir(&format!("bench-hostile-{name}-hostile"))?;
-    let (restless, too_long) = hostile_tree(&hostile, hostile_files)?;
+    let too_long = hostile_files / 2;
+    write_too_long(&hostile, too_long)?;
     let args = [
         format!("--source={}", hostile.display()),
         format!("--settle={settle}"),
@@ -102,14 +153,24 @@ async fn run(
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let dest = format!("s3://{BUCKET}/{name}");
     let mut shipper = ShipperAgent::standalone(minio, &quiet, &dest, &args)?;
+    shipper.start().await?;
+    // The failing files first, each tried and refused; then the restless ones, which take
+    // the hostile volume's whole share of followed files and keep it.
+    let refused_series = r#"localship_logshipper_skipped_total{reason="key_too_long"}"#;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline
+        && (shipper.metric(refused_series)?.unwrap_or(0.0) as usize) < too_long
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let restless = write_restless(&hostile, hostile_files - too_long)?;
     let stop = Arc::new(AtomicBool::new(false));
     let touches = Arc::new(AtomicU64::new(0));
     let toucher = {
         let (stop, touches) = (stop.clone(), touches.clone());
         std::thread::spawn(move || keep_touching(&restless, &stop, &touches))
     };
-    shipper.start().await?;
-    // The flood is under way: the failing files found and tried, the restless ones followed.
+    // The restless files found and followed, touched all along.
     tokio::time::sleep(Duration::from_secs(10)).await;
 
     let seen: FirstListed = Arc::default();
@@ -137,11 +198,9 @@ async fn run(
         seen.len()
     );
     let metrics = shipper.metrics()?;
-    let refused = metric(
-        &metrics,
-        r#"localship_logshipper_skipped_total{reason="key_too_long"}"#,
-    );
-    let followed = metric(&metrics, "localship_logshipper_backlog_files");
+    let metric = |series: &str| metric_value(&metrics, series).unwrap_or(0.0) as u64;
+    let refused = metric(r#"localship_logshipper_skipped_total{reason="key_too_long"}"#);
+    let followed = metric("localship_logshipper_backlog_files");
     if hostile_files > 0 {
         eprintln!("{name}: {refused} of {too_long} too-long files refused; {followed} files followed at the end");
     }
@@ -158,11 +217,9 @@ async fn run(
     })
 }
 
-/// Half never-settling files, half with keys too long for S3; the paths of the first half
-/// and how many of the second.
-fn hostile_tree(root: &Path, files: usize) -> Result<(Vec<PathBuf>, usize)> {
-    let restless_dir = root.join("dag_id=restless/run_id=r/task_id=t");
-    let long_dir = root.join(format!(
+/// `files` logs whose keys are too long for S3.
+fn write_too_long(root: &Path, files: usize) -> Result<()> {
+    let dir = root.join(format!(
         "dag_id={}/run_id={}/task_id={}/{}/{}",
         "a".repeat(240),
         "b".repeat(240),
@@ -170,19 +227,24 @@ fn hostile_tree(root: &Path, files: usize) -> Result<(Vec<PathBuf>, usize)> {
         "d".repeat(250),
         "e".repeat(250)
     ));
-    std::fs::create_dir_all(&restless_dir)?;
-    std::fs::create_dir_all(&long_dir)?;
-    let mut restless = Vec::new();
-    let too_long = files / 2;
-    for i in 0..files - too_long {
-        let path = restless_dir.join(format!("map_index={i}.log"));
+    std::fs::create_dir_all(&dir)?;
+    for i in 0..files {
+        std::fs::write(dir.join(format!("attempt={i}.log")), b"x\n")?;
+    }
+    Ok(())
+}
+
+/// `files` logs to be touched for ever; their paths.
+fn write_restless(root: &Path, files: usize) -> Result<Vec<PathBuf>> {
+    let dir = root.join("dag_id=restless/run_id=r/task_id=t");
+    std::fs::create_dir_all(&dir)?;
+    let mut paths = Vec::new();
+    for i in 0..files {
+        let path = dir.join(format!("attempt={i}.log"));
         std::fs::write(&path, b"x\n")?;
-        restless.push(path);
+        paths.push(path);
     }
-    for i in 0..too_long {
-        std::fs::write(long_dir.join(format!("attempt={i}.log")), b"x\n")?;
-    }
-    Ok((restless, too_long))
+    Ok(paths)
 }
 
 /// Sets each file's mtime to now, round and round, until told to stop.
@@ -219,12 +281,4 @@ async fn write_logs(source: &Path, prefix: &str, n: usize) -> Result<HashMap<Str
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(finished)
-}
-
-/// The value of the sample that starts with `name`, 0 if absent.
-fn metric(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
 }

@@ -1,6 +1,6 @@
 //! Files a source holds that will not ship (refused by the destination for good, too large,
-//! sparse, symlinks, bad names), summed per source and told at most once a minute each, so
-//! that whoever owns the volume hears of them (an Event on its claim) without a flood.
+//! sparse, symlinks, bad names), summed per source and told at most once a minute each: in
+//! the log, and to whoever owns the volume (an Event on its claim), without a flood.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -85,11 +85,14 @@ impl Refusals {
         }
     }
 
-    /// Counts a file that will not ship; the first of a source in a minute is told at once.
-    pub(super) fn add(&mut self, source: &Arc<Source>, relative: &str, reason: &'static str) {
-        if self.report.is_none() {
-            return;
-        }
+    /// Counts a file that will not ship; the first of a source in a minute is told at once,
+    /// and then `true` says so, for a warning of its own.
+    pub(super) fn add(
+        &mut self,
+        source: &Arc<Source>,
+        relative: &str,
+        reason: &'static str,
+    ) -> bool {
         let pending = self.by_source.entry(source.id.clone()).or_insert(Pending {
             refused: None,
             last_told: None,
@@ -100,14 +103,17 @@ impl Refusals {
             example: relative.to_owned(),
         });
         *refused.files.entry(reason).or_default() += 1;
-        self.tell_due(Instant::now());
+        let first = pending
+            .last_told
+            .is_none_or(|at| at.elapsed() >= REFUSALS_EVERY);
+        if first {
+            self.tell_due(Instant::now());
+        }
+        first
     }
 
     /// Tells what each source gathered, where its last report is a minute old.
     pub(super) fn tell_due(&mut self, now: Instant) {
-        let Some(report) = &self.report else {
-            return;
-        };
         for pending in self.by_source.values_mut() {
             let due = pending
                 .last_told
@@ -116,7 +122,13 @@ impl Refusals {
                 continue;
             }
             if let Some(refused) = pending.refused.take() {
-                let _ = report.send(refused);
+                let files: u64 = refused.files.values().sum();
+                if files > 1 {
+                    tracing::warn!(source = %refused.source.root.display(), files, reasons = ?refused.files, "files not shipped since the last report");
+                }
+                if let Some(report) = &self.report {
+                    let _ = report.send(refused);
+                }
                 pending.last_told = Some(now);
             }
         }
@@ -137,12 +149,15 @@ mod tests {
         let source = Arc::new(Source::new(dir.path()).unwrap());
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut refusals = Refusals::new(Some(tx));
-        refusals.add(&source, "a.log", "sparse");
+        assert!(
+            refusals.add(&source, "a.log", "sparse"),
+            "the first is warned of"
+        );
         let first = rx.try_recv().unwrap();
         assert_eq!(first.files, BTreeMap::from([("sparse", 1)]));
         assert_eq!(first.example, "a.log");
         for i in 0..1000 {
-            refusals.add(&source, &format!("{i}.log"), "key_too_long");
+            assert!(!refusals.add(&source, &format!("{i}.log"), "key_too_long"));
         }
         refusals.add(&source, "b.log", "sparse");
         assert!(rx.try_recv().is_err(), "nothing more within the minute");

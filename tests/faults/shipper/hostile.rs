@@ -118,6 +118,16 @@ async fn files(minio: &Minio, rows: &mut Rows) -> Result<()> {
         .write(true)
         .open(source.join(&sparse))?
         .set_len(4 << 40)?;
+    // An object key over S3's 1,024 bytes: refused before any upload, never retried.
+    let long = format!(
+        "dag_id={}/run_id={}/task_id={}/{}/{}/attempt=1.log",
+        "a".repeat(240),
+        "b".repeat(240),
+        "c".repeat(240),
+        "d".repeat(250),
+        "e".repeat(250)
+    );
+    write_log(&source, &long, b"a log with a key too long\n")?;
     // Still being written: appended every 200ms for 4s, with --settle=1s.
     let growing = format!("{RUN}/task_id=growing/attempt=1.log");
     write_log(&source, &growing, b"started\n")?;
@@ -184,6 +194,17 @@ async fn files(minio: &Minio, rows: &mut Rows) -> Result<()> {
         "a 4 TiB sparse log",
         sparse_skipped >= 1.0 && !keys.iter().any(|k| k.contains("task_id=sparse")),
         &format!("refused unread: skipped_total{{reason=\"sparse\"}} {sparse_skipped}, no key"),
+    );
+    let too_long = skipped("key_too_long")?;
+    let failures = shipper
+        .metric(r#"localship_logshipper_failures_total{reason="refused"}"#)?
+        .unwrap_or(0.0);
+    rows.row(
+        "a 1,270-byte object key",
+        too_long == 1.0 && failures == 0.0 && !keys.iter().any(|k| k.contains("task_id=ccc")),
+        &format!(
+            "refused once, before any upload, and not retried: skipped_total{{reason=\"key_too_long\"}} {too_long}, failures_total{{reason=\"refused\"}} {failures}, no key"
+        ),
     );
     let non_utf8 = skipped("non_utf8")?;
     rows.row(
