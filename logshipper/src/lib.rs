@@ -169,12 +169,13 @@ pub async fn run_with<D: Destination>(
             let shutdown = async move {
                 let _ = stopping.wait_for(|stop| *stop).await;
             };
-            let router = http::router(metrics.clone(), vec![ready_rx, synced_rx]);
+            let router = http::router(metrics.clone(), vec![ready_rx, synced_rx], ledger.health());
             Some(tokio::spawn(http::serve(addr, router, shutdown).await?))
         }
         None => None,
     };
 
+    let mirror = tokio::spawn(health::mirror_ledger(ledger.health(), metrics.clone()));
     let alongside = args.alongside();
     let ctx = Arc::new(Context {
         destination,
@@ -256,6 +257,7 @@ pub async fn run_with<D: Destination>(
     if let Some(heap) = heap {
         heap.abort();
     }
+    mirror.abort();
     if let Some(server) = server {
         if args.once {
             server.abort();

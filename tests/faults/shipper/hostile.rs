@@ -21,6 +21,14 @@ const SECRET: &[u8] = b"root:x:0:0:root:/root:/bin/bash\n";
 pub(super) struct Rows(Tally);
 
 impl Rows {
+    pub(super) fn new() -> Self {
+        Rows(Tally::default())
+    }
+
+    pub(super) fn tally(self) -> Tally {
+        self.0
+    }
+
     pub(super) fn row(&mut self, name: &str, ok: bool, detail: &str) {
         self.0.rounds += 1;
         self.0.faults += 1;
@@ -37,7 +45,7 @@ impl Rows {
 pub async fn run() -> Result<Tally> {
     let minio = Minio::start().await?;
     minio.create_bucket(BUCKET).await?;
-    let mut rows = Rows(Tally::default());
+    let mut rows = Rows::new();
     files(&minio, &mut rows).await?;
     missing_bucket(&minio, &mut rows).await?;
     refused(&minio, &mut rows).await?;
