@@ -69,6 +69,10 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(s): State<Served>) -> impl IntoResponse {
+    // Discovery counts its watches; it knows nothing of the metrics.
+    s.metrics
+        .watches
+        .set(crate::discover::watches_held() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

@@ -206,7 +206,8 @@ pub async fn run_with<D: Destination>(
 
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let rescan = (!args.once).then_some(args.rescan);
-    let mut sources = Sources::new(filter, events_tx, rescan);
+    let mut sources =
+        Sources::new(filter, events_tx, rescan).max_watches_per_source(args.max_watches_per_source);
     let (drains_tx, drains_rx) = mpsc::unbounded_channel();
     // Kubernetes mode hands the sources to the volume watch; --source is not used then.
     let (sources, volumes) = match &args.node_name {

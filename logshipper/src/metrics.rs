@@ -35,6 +35,8 @@ pub struct Metrics {
     pub ledger_writable: IntGauge,
     /// Ledger commits that failed; their records are kept and tried again.
     pub ledger_commit_failures: IntCounter,
+    /// Inotify watches held on source directories.
+    pub watches: IntGauge,
     /// Kubernetes mode: opted-in volumes of this node whose logs are shipped.
     pub volumes_watched: IntGauge,
     /// Kubernetes mode: deleted volumes held until their logs are shipped.
@@ -105,6 +107,10 @@ impl Metrics {
                 "ledger_commit_failures_total",
                 "Ledger commits that failed (a full disk); their records are kept and tried again.",
             ))?,
+            watches: IntGauge::with_opts(opts(
+                "inotify_watches",
+                "Inotify watches held on source directories, from the node's fs.inotify.max_user_watches.",
+            ))?,
             volumes_watched: IntGauge::with_opts(opts(
                 "volumes_watched",
                 "Opted-in volumes of this node whose logs are shipped (Kubernetes mode).",
@@ -134,6 +140,7 @@ impl Metrics {
         r.register(Box::new(self.destination_up.clone()))?;
         r.register(Box::new(self.ledger_writable.clone()))?;
         r.register(Box::new(self.ledger_commit_failures.clone()))?;
+        r.register(Box::new(self.watches.clone()))?;
         r.register(Box::new(self.volumes_watched.clone()))?;
         r.register(Box::new(self.volumes_draining.clone()))?;
         Ok(())
