@@ -95,6 +95,17 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", env = "LOCALSHIP_RESCAN", default_value = "60s", value_parser = humantime::parse_duration)]
     pub rescan: Duration,
 
+    /// Most directories of one source watched with inotify, from the budget the kubelet and
+    /// every pod on the node share (fs.inotify.max_user_watches). Logs in directories beyond
+    /// it are still found, by the rescan every --rescan, so they ship up to that much later.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "LOCALSHIP_MAX_WATCHES_PER_SOURCE",
+        default_value_t = crate::discover::MAX_WATCHES_PER_SOURCE
+    )]
+    pub max_watches_per_source: usize,
+
     /// Files to ship, as globs relative to a source (`*` stays within a directory, `**`
     /// crosses them). Giving any replaces the default of Airflow task logs and their
     /// triggerer files; add e.g. `scheduler/**/*.log` to ship scheduler logs too.

@@ -25,6 +25,15 @@ use crate::select::Filter;
 pub use gate::Gate;
 use scan::Scan;
 
+/// Inotify watches one source holds at most, by default: a source with fewer directories
+/// (a few thousand task runs) is watched whole, for a few MiB of kernel memory.
+pub const MAX_WATCHES_PER_SOURCE: usize = 10_000;
+
+/// Inotify watches held by every source of this process.
+pub fn watches_held() -> usize {
+    watch::held()
+}
+
 /// A directory whose logs are shipped; its path relative to the root is the object key.
 #[derive(Debug)]
 pub struct Source {
@@ -131,6 +140,7 @@ pub struct Sources {
     filter: Arc<Filter>,
     events: mpsc::Sender<Event>,
     rescan: Option<Duration>,
+    max_watches: usize,
     running: HashMap<PathBuf, (Arc<Source>, JoinHandle<()>)>,
 }
 
@@ -141,8 +151,15 @@ impl Sources {
             filter: Arc::new(filter),
             events,
             rescan,
+            max_watches: MAX_WATCHES_PER_SOURCE,
             running: HashMap::new(),
         }
+    }
+
+    /// Caps the inotify watches of each source added later; beyond it the rescan finds files.
+    pub fn max_watches_per_source(mut self, max: usize) -> Self {
+        self.max_watches = max;
+        self
     }
 
     /// Starts walking and watching `root`; adding a root twice is a no-op.
@@ -185,6 +202,7 @@ impl Sources {
             filter: self.filter.clone(),
             events: self.events.clone(),
             warned: Arc::default(),
+            max_watches: self.max_watches,
         };
         let task = tokio::spawn(scan.run(rescan));
         self.running.insert(source.root.clone(), (source, task));
@@ -368,6 +386,33 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(matches!(next(&mut rx).await, Event::WalkDone { source } if source.draining));
+    }
+
+    #[tokio::test]
+    async fn a_log_in_a_directory_beyond_the_watch_cap_is_found_by_the_rescan() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Four directories in a chain, watched from the top: the task's has no watch.
+        let task_dir = root.join("dag_id=a/run_id=r/task_id=t");
+        std::fs::create_dir_all(&task_dir).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let rescan = Duration::from_millis(300);
+        let mut sources = Sources::new(filter(), tx, Some(rescan)).max_watches_per_source(3);
+        sources.add(root).unwrap();
+        assert_eq!(first_walk(&mut rx).await, (vec![], vec![]));
+
+        let relative = "dag_id=a/run_id=r/task_id=t/attempt=1.log";
+        write(root, relative, b"deep\n");
+        loop {
+            if let Event::Found {
+                relative: found, ..
+            } = next(&mut rx).await
+            {
+                if found == relative {
+                    break;
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! Whether the destination is usable: checked at start and again whenever a shipment could
 //! not reach it, retried with backoff rather than exiting, so a daemon outlives a MinIO
-//! restart or a bucket created late.
+//! restart or a bucket created late. And the ledger's health, mirrored into the metrics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use crate::destination::Destination;
+use crate::ledger::Health;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::ship::Context;
@@ -60,5 +61,23 @@ pub async fn watch_destination<D: Destination>(
         metrics.destination_up.set(1);
         recheck.notified().await;
         ok.send_replace(false);
+    }
+}
+
+/// Keeps `ledger_writable` and `ledger_commit_failures_total` as the ledger reports them.
+pub async fn mirror_ledger(mut ledger: watch::Receiver<Health>, metrics: Arc<Metrics>) {
+    let mut counted = 0;
+    loop {
+        let health = ledger.borrow_and_update().clone();
+        metrics
+            .ledger_writable
+            .set(i64::from(health.unwritable.is_none()));
+        metrics
+            .ledger_commit_failures
+            .inc_by(health.failed_commits.saturating_sub(counted));
+        counted = health.failed_commits;
+        if ledger.changed().await.is_err() {
+            return;
+        }
     }
 }

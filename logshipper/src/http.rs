@@ -1,5 +1,9 @@
 //! `/metrics`, `/healthz` and `/readyz`.
 //!
+//! Healthy means shipped files can be recorded in the ledger: while its commits fail (a full
+//! disk) the files still ship, but retention stops and a restart checks them all again, which
+//! an operator should hear about.
+//!
 //! Ready means the first walk of every source is done and the destination answered its
 //! check (and, in Kubernetes mode, this node's volumes are known): until then a rollout
 //! should not count the pod as shipping.
@@ -15,6 +19,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio::sync::watch;
 
+use crate::ledger::Health;
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
@@ -22,15 +27,25 @@ use crate::{Error, Result};
 struct Served {
     metrics: Arc<Metrics>,
     ready: Vec<watch::Receiver<bool>>,
+    ledger: watch::Receiver<Health>,
 }
 
-/// Serves readiness as ready once every one of `ready` is true.
-pub fn router(metrics: Arc<Metrics>, ready: Vec<watch::Receiver<bool>>) -> Router {
+/// Serves readiness as ready once every one of `ready` is true, and health as failing while
+/// `ledger` says records cannot be written.
+pub fn router(
+    metrics: Arc<Metrics>,
+    ready: Vec<watch::Receiver<bool>>,
+    ledger: watch::Receiver<Health>,
+) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health))
         .route("/readyz", get(readiness))
-        .with_state(Served { metrics, ready })
+        .with_state(Served {
+            metrics,
+            ready,
+            ledger,
+        })
 }
 
 /// Binds now (so a taken port fails start-up) and serves until `shutdown` completes.
@@ -54,10 +69,24 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(s): State<Served>) -> impl IntoResponse {
+    // Discovery counts its watches; it knows nothing of the metrics.
+    s.metrics
+        .watches
+        .set(crate::discover::watches_held() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),
     )
+}
+
+async fn health(State(s): State<Served>) -> impl IntoResponse {
+    match &s.ledger.borrow().unwritable {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("ledger: cannot write records: {reason}\n"),
+        ),
+    }
 }
 
 async fn readiness(State(s): State<Served>) -> impl IntoResponse {
@@ -88,11 +117,12 @@ mod tests {
         let metrics = Arc::new(Metrics::new().unwrap());
         metrics.bytes_shipped.inc_by(42);
         let (ready_tx, ready) = watch::channel(false);
+        let (ledger_tx, ledger) = watch::channel(Health::default());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = serve(addr, router(metrics, vec![ready]), async {
+        let server = serve(addr, router(metrics, vec![ready], ledger), async {
             let _ = stopped.await;
         })
         .await
@@ -103,6 +133,18 @@ mod tests {
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         ready_tx.send(true).unwrap();
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        ledger_tx
+            .send_modify(|h| h.unwritable = Some("No space left on device (os error 28)".into()));
+        let unhealthy = get(addr, "/healthz").await;
+        assert!(unhealthy.starts_with("HTTP/1.1 503"), "{unhealthy}");
+        assert!(
+            unhealthy.ends_with(
+                "\r\n\r\nledger: cannot write records: No space left on device (os error 28)\n"
+            ),
+            "{unhealthy}"
+        );
+        ledger_tx.send_modify(|h| h.unwritable = None);
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         let body = get(addr, "/metrics").await;
         assert!(
             body.contains("localship_logshipper_bytes_shipped_total 42"),
@@ -119,7 +161,8 @@ mod tests {
         let addr = taken.local_addr().unwrap();
         let (_tx, ready) = watch::channel(false);
         let metrics = Arc::new(Metrics::new().unwrap());
-        let err = serve(addr, router(metrics, vec![ready]), async {})
+        let (_ledger_tx, ledger) = watch::channel(Health::default());
+        let err = serve(addr, router(metrics, vec![ready], ledger), async {})
             .await
             .err()
             .unwrap();

@@ -6,26 +6,34 @@
 //! a few milliseconds apart, so thousands of small logs do not cost thousands of fsyncs; a
 //! crash before a commit costs one look at the destination per file after the restart, never
 //! a lost or doubled object. Retention reads committed records only.
+//!
+//! After one failed write (a full disk) redb refuses every later one until the database is
+//! closed and opened again: the store does that itself, and the `recorder` keeps the records
+//! it could not write and tries again. A ledger that cannot be read at start is set aside and a
+//! new one begun, for the same reason a lost record is safe: each file is compared with the
+//! destination once more, and nothing already there is uploaded again.
 
+mod recorder;
+
+#[cfg(test)]
+mod full_disk;
+
+pub use recorder::{Health, Recorder};
+
+use std::fs::TryLockError;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadTransaction, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::watch;
 
 use crate::local_file::FileStat;
 
 /// (source id, path relative to the source root) → JSON [`Record`].
 const SHIPPED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("shipped");
-
-/// Records committed together at most, when uploads finish faster than commits.
-const MAX_BATCH: usize = 512;
-
-/// How long the writer gathers records before a commit: at hundreds of small logs a second
-/// this turns one fsync per log into one per dozens.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// Memory for cached ledger pages. redb's default (1 GiB) would let the cache grow with the
 /// ledger, to over 100 MiB at 100k records; lookups are by key and the kernel's page cache
@@ -83,6 +91,14 @@ pub enum LedgerError {
         #[source]
         source: Box<redb::Error>,
     },
+    #[error("ledger `{path}` cannot be read: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("cannot set the unreadable ledger `{path}` aside: {source} — move or remove it")]
+    SetAside {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("ledger `{path}` holds an unreadable record for `{relative}`: {source}")]
     Corrupt {
         path: PathBuf,
@@ -90,51 +106,103 @@ pub enum LedgerError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("{0}")]
-    Commit(String),
+    #[error("cannot write to the ledger `{path}`: {reason}; the records are kept and written once it works again")]
+    Unwritable { path: PathBuf, reason: String },
     #[error("the ledger's writer has stopped")]
     Stopped,
 }
+
+impl LedgerError {
+    /// The cause in a few words, e.g. `No space left on device (os error 28)`.
+    fn cause(&self) -> String {
+        match self {
+            LedgerError::Store { source, .. } => match &**source {
+                redb::Error::Io(e) => e.to_string(),
+                other => other.to_string(),
+            },
+            LedgerError::Unwritable { reason, .. } | LedgerError::Unreadable { reason, .. } => {
+                reason.clone()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// How a ledger file becomes a database: redb's own file, or in tests a disk that fills up.
+type Opener = dyn Fn(&Path) -> Result<Database, redb::DatabaseError> + Send + Sync;
 
 /// The ledger store. Reads run anywhere; writes go through [`Ledger::recorder`] or the
 /// blocking methods.
 #[derive(Clone)]
 pub struct Ledger {
-    db: Arc<Database>,
+    store: Arc<Store>,
+}
+
+struct Store {
     path: PathBuf,
+    open: Box<Opener>,
+    /// The database, `None` while it could not be opened again; with the number of reopens,
+    /// so threads that saw the same failure reopen it once. Transactions hold the lock for
+    /// reading, so a reopen never closes the file under one that is being written.
+    db: RwLock<(u64, Option<Database>)>,
+    health: watch::Sender<Health>,
 }
 
 impl Ledger {
-    /// Opens the ledger at `path`, creating it and its directory if need be.
+    /// Opens the ledger at `path`, creating it and its directory if need be. An unreadable
+    /// ledger is set aside as `<path>.corrupt-<unix seconds>` and a new one created.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        Self::open_with(
+            path,
+            Box::new(|path| {
+                redb::Builder::new()
+                    .set_cache_size(CACHE_BYTES)
+                    .create(path)
+            }),
+        )
+    }
+
+    fn open_with(path: &Path, open: Box<Opener>) -> Result<Self, LedgerError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir {
                 path: dir.to_owned(),
                 source,
             })?;
         }
-        let db = match redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-        {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(LedgerError::InUse(path.to_owned()))
+        let db = match open_db(path, &*open) {
+            Err(LedgerError::Unreadable { reason, .. }) => {
+                let aside = set_aside(path)?;
+                tracing::error!(
+                    ledger = %path.display(), set_aside = %aside.display(), error = %reason,
+                    "the ledger cannot be read; it is kept aside and a new one started. Every log is compared with the destination once more: nothing already there is uploaded again, and --delete-after removes a log only once it is recorded anew"
+                );
+                open_db(path, &*open)?
             }
-            Err(e) => return Err(store_error(path, e)),
+            opened => opened?,
         };
         let ledger = Self {
-            db: Arc::new(db),
-            path: path.to_owned(),
+            store: Arc::new(Store {
+                path: path.to_owned(),
+                open,
+                db: RwLock::new((0, Some(db))),
+                health: watch::channel(Health::default()).0,
+            }),
         };
-        let txn = ledger.db.begin_write().map_err(|e| ledger.error(e))?;
-        txn.open_table(SHIPPED).map_err(|e| ledger.error(e))?;
-        txn.commit().map_err(|e| ledger.error(e))?;
+        ledger.with_db(|db| {
+            let txn = db.begin_write()?;
+            txn.open_table(SHIPPED)?;
+            Ok(txn.commit()?)
+        })?;
         Ok(ledger)
     }
 
+    /// Whether records can be written, as the recorder last found.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.store.health.subscribe()
+    }
+
     pub fn get(&self, source: &str, relative: &str) -> Result<Option<Record>, LedgerError> {
-        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
         let Some(value) = table.get((source, relative)).map_err(|e| self.error(e))? else {
             return Ok(None);
@@ -154,7 +222,7 @@ impl Ledger {
     /// Hands every record of one source to `f`, in path order: one sequential read of the
     /// ledger, where a lookup per file reads pages in no order.
     pub fn each(&self, source: &str, mut f: impl FnMut(&str, Record)) -> Result<(), LedgerError> {
-        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
         for item in table
             .range::<(&str, &str)>((source, "")..)
@@ -174,117 +242,184 @@ impl Ledger {
     pub fn remove_source(&self, source: &str) -> Result<usize, LedgerError> {
         // Exactly this source's keys: `source` + NUL is the least string sorting after it.
         let after = format!("{source}\0");
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
-        let removed = {
-            let mut table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
-            let drained = table
-                .extract_from_if::<(&str, &str), _>((source, "")..(after.as_str(), ""), |_, _| true)
-                .map_err(|e| self.error(e))?;
-            let mut removed = 0;
-            for item in drained {
-                item.map_err(|e| self.error(e))?;
-                removed += 1;
-            }
-            removed
-        };
-        txn.commit().map_err(|e| self.error(e))?;
-        Ok(removed)
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            let removed = {
+                let mut table = txn.open_table(SHIPPED)?;
+                let drained = table.extract_from_if::<(&str, &str), _>(
+                    (source, "")..(after.as_str(), ""),
+                    |_, _| true,
+                )?;
+                let mut removed = 0;
+                for item in drained {
+                    item?;
+                    removed += 1;
+                }
+                removed
+            };
+            txn.commit()?;
+            Ok(removed)
+        })
     }
 
     /// Writes records in one durable commit.
     pub fn put_all(&self, records: &[(&str, &str, &Record)]) -> Result<(), LedgerError> {
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
-        {
-            let mut table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
-            for (source, relative, record) in records {
-                let value = serde_json::to_vec(record).expect("a record always serialises");
-                table
-                    .insert((*source, *relative), value.as_slice())
-                    .map_err(|e| self.error(e))?;
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(SHIPPED)?;
+                for (source, relative, record) in records {
+                    let value = serde_json::to_vec(record).expect("a record always serialises");
+                    table.insert((*source, *relative), value.as_slice())?;
+                }
             }
-        }
-        txn.commit().map_err(|e| self.error(e))
+            Ok(txn.commit()?)
+        })
     }
 
     pub fn remove(&self, source: &str, relative: &str) -> Result<(), LedgerError> {
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
-        {
-            let mut table = txn.open_table(SHIPPED).map_err(|e| self.error(e))?;
-            table
-                .remove((source, relative))
-                .map_err(|e| self.error(e))?;
-        }
-        txn.commit().map_err(|e| self.error(e))
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(SHIPPED)?;
+                table.remove((source, relative))?;
+            }
+            Ok(txn.commit()?)
+        })
     }
 
-    /// Starts the writer that commits records in batches: whatever arrived while the last
-    /// commit was being synced, or within [`LINGER`] of the first, goes into the next one.
-    pub fn recorder(&self) -> Recorder {
-        let (tx, rx) = mpsc::channel(MAX_BATCH);
-        let ledger = self.clone();
-        std::thread::Builder::new()
-            .name("ledger".into())
-            .spawn(move || ledger.write_batches(rx))
-            .expect("spawning the ledger writer");
-        Recorder { tx }
+    /// A read transaction; it outlives the lock, as redb's do.
+    fn begin_read(&self) -> Result<ReadTransaction, LedgerError> {
+        self.with_db(|db| Ok(db.begin_read()?))
     }
 
-    fn write_batches(&self, mut rx: mpsc::Receiver<Pending>) {
-        while let Some(first) = rx.blocking_recv() {
-            // A flush commits what is queued now; records wait a little for company.
-            if matches!(first, Pending::Record { .. }) {
-                std::thread::sleep(LINGER);
-            }
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
-            let rows: Vec<_> = batch
-                .iter()
-                .filter_map(|p| match p {
-                    Pending::Record {
-                        source,
-                        relative,
-                        record,
-                    } => Some((source.as_str(), relative.as_str(), record)),
-                    Pending::Flush(_) => None,
-                })
-                .collect();
-            let result = if rows.is_empty() {
-                Ok(())
-            } else {
-                self.put_all(&rows)
+    /// Runs `f` on the database. redb refuses everything after one failed write ("Previous
+    /// I/O error") until it is closed and opened again: after a failed write the database is
+    /// reopened at once, so reads go on and the next write starts clean, and `f` refused
+    /// for an earlier failure runs again on the reopened one.
+    fn with_db<T>(
+        &self,
+        f: impl Fn(&Database) -> Result<T, redb::Error>,
+    ) -> Result<T, LedgerError> {
+        let mut again = true;
+        loop {
+            let (generation, result) = {
+                let db = self.db();
+                let result = db.1.as_ref().map_or(Err(redb::Error::DatabaseClosed), &f);
+                (db.0, result)
             };
-            if let Err(e) = &result {
-                tracing::error!(error = %e, files = rows.len(), "cannot record shipped files in the ledger; they are checked against the destination again after a restart");
+            let error = match result {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
+            let refused = matches!(error, redb::Error::PreviousIo | redb::Error::DatabaseClosed);
+            if refused && again {
+                again = false;
+                self.reopen(generation)?;
+                continue;
             }
-            for pending in batch {
-                if let Pending::Flush(done) = pending {
-                    let _ = done.send(
-                        result
-                            .as_ref()
-                            .map_err(|e| LedgerError::Commit(e.to_string()))
-                            .copied(),
-                    );
-                }
+            if refused || matches!(error, redb::Error::Io(_)) {
+                // The cause is what the caller needs; a reopen that fails now is tried again
+                // by the next call.
+                let _ = self.reopen(generation);
             }
+            return Err(self.error(error));
         }
+    }
+
+    fn db(&self) -> RwLockReadGuard<'_, (u64, Option<Database>)> {
+        self.store.db.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes the database and opens it again, unless another thread did since `seen`.
+    fn reopen(&self, seen: u64) -> Result<(), LedgerError> {
+        let mut db = self
+            .store
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if db.0 != seen {
+            return Ok(());
+        }
+        db.0 += 1;
+        // Dropped first: redb lets go of the file (and its lock) only then.
+        db.1 = None;
+        db.1 = Some(open_db(&self.store.path, &*self.store.open)?);
+        tracing::debug!(ledger = %self.store.path.display(), "reopened the ledger");
+        Ok(())
     }
 
     fn decode(&self, relative: &str, bytes: &[u8]) -> Result<Record, LedgerError> {
         serde_json::from_slice(bytes).map_err(|source| LedgerError::Corrupt {
-            path: self.path.clone(),
+            path: self.store.path.clone(),
             relative: relative.to_owned(),
             source,
         })
     }
 
     fn error(&self, e: impl Into<redb::Error>) -> LedgerError {
-        store_error(&self.path, e)
+        store_error(&self.store.path, e)
     }
+}
+
+/// Opens the database at `path`, telling a file another process holds and one that is not a
+/// readable ledger from other failures.
+fn open_db(path: &Path, open: &Opener) -> Result<Database, LedgerError> {
+    let unreadable = |reason: String| LedgerError::Unreadable {
+        path: path.to_owned(),
+        reason,
+    };
+    // redb asserts on some malformed headers rather than returning an error.
+    match catch_unwind(AssertUnwindSafe(|| open(path))) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+            Err(LedgerError::InUse(path.to_owned()))
+        }
+        Ok(Err(e)) if is_unreadable(&e) => Err(unreadable(e.to_string())),
+        Ok(Err(e)) => Err(store_error(path, e)),
+        Err(_) => Err(unreadable("the store rejected its header".into())),
+    }
+}
+
+/// Whether redb found the file is not a ledger it can read, as opposed to not reaching it.
+fn is_unreadable(e: &redb::DatabaseError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        redb::DatabaseError::UpgradeRequired(_) => true,
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => true,
+        // A wrong magic number, or a file cut short.
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            matches!(io.kind(), ErrorKind::InvalidData | ErrorKind::UnexpectedEof)
+        }
+        _ => false,
+    }
+}
+
+/// Renames the ledger to `<path>.corrupt-<unix seconds>`, under its lock: a file another
+/// process holds as its ledger stays where it is.
+fn set_aside(path: &Path) -> Result<PathBuf, LedgerError> {
+    let failed = |source| LedgerError::SetAside {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(failed)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Err(LedgerError::InUse(path.to_owned())),
+        Err(TryLockError::Error(e)) => return Err(failed(e)),
+    }
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".corrupt-{seconds}"));
+    let aside = path.with_file_name(name);
+    std::fs::rename(path, &aside).map_err(failed)?;
+    Ok(aside)
 }
 
 fn store_error(path: &Path, e: impl Into<redb::Error>) -> LedgerError {
@@ -294,57 +429,10 @@ fn store_error(path: &Path, e: impl Into<redb::Error>) -> LedgerError {
     }
 }
 
-// Nearly every message is a record; boxing it would only add an allocation to each.
-#[allow(clippy::large_enum_variant)]
-enum Pending {
-    Record {
-        source: String,
-        relative: String,
-        record: Record,
-    },
-    /// Answered once everything queued before it is committed.
-    Flush(oneshot::Sender<Result<(), LedgerError>>),
-}
-
-/// Hands records to the ledger's writer; cheap to clone.
-#[derive(Clone)]
-pub struct Recorder {
-    tx: mpsc::Sender<Pending>,
-}
-
-impl Recorder {
-    /// Queues the record for the next commit (see [`Recorder::flush`]).
-    pub async fn record(
-        &self,
-        source: &str,
-        relative: &str,
-        record: Record,
-    ) -> Result<(), LedgerError> {
-        let pending = Pending::Record {
-            source: source.to_owned(),
-            relative: relative.to_owned(),
-            record,
-        };
-        self.tx
-            .send(pending)
-            .await
-            .map_err(|_| LedgerError::Stopped)
-    }
-
-    /// Returns once every record queued so far is durably committed.
-    pub async fn flush(&self) -> Result<(), LedgerError> {
-        let (done, committed) = oneshot::channel();
-        self.tx
-            .send(Pending::Flush(done))
-            .await
-            .map_err(|_| LedgerError::Stopped)?;
-        committed.await.map_err(|_| LedgerError::Stopped)?
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn record(size: u64, key: &str) -> Record {
         Record {
@@ -385,6 +473,180 @@ mod tests {
         let err = Ledger::open(&path).err().expect("second open must fail");
         assert!(matches!(err, LedgerError::InUse(_)), "{err}");
         assert!(err.to_string().contains("--ledger"));
+        // Held by another: an error, never set aside.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("ledger.redb")]);
+    }
+
+    #[test]
+    fn an_unreadable_ledger_is_set_aside_and_a_new_one_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        let garbage = b"not a ledger at all\n".repeat(1000);
+        std::fs::write(&path, &garbage).unwrap();
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(ledger.get("/logs", "a.log").unwrap(), None);
+        ledger
+            .put_all(&[("/logs", "a.log", &record(1, "k"))])
+            .unwrap();
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("ledger.redb.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(std::fs::read(&aside[0]).unwrap(), garbage);
+        drop(ledger);
+        // The new ledger is an ordinary one.
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(ledger.get("/logs", "a.log").unwrap(), Some(record(1, "k")));
+    }
+
+    #[test]
+    fn a_ledger_cut_short_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            ledger
+                .put_all(&[("/logs", "a.log", &record(1, "k"))])
+                .unwrap();
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..100]).unwrap();
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(ledger.get("/logs", "a.log").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_keeps_records_until_they_can_be_written() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        let full = Arc::new(AtomicBool::new(false));
+        let ledger = full_disk::open(&path, full.clone()).unwrap();
+        let mut health = ledger.health();
+        let recorder = ledger.recorder();
+        recorder
+            .record("/v", "before", record(1, "k"))
+            .await
+            .unwrap();
+        recorder.flush().await.unwrap();
+
+        full.store(true, Ordering::SeqCst);
+        recorder
+            .record("/v", "during", record(2, "k"))
+            .await
+            .unwrap();
+        // Told, not left waiting and not told "ok".
+        let err = recorder.flush().await.unwrap_err();
+        assert!(err.to_string().contains("No space left on device"), "{err}");
+        let failed = health.borrow_and_update().clone();
+        assert!(failed.failed_commits >= 1, "{failed:?}");
+        let reason = failed
+            .unwritable
+            .expect("unwritable while the disk is full");
+        assert!(reason.starts_with("No space left on device"), "{reason}");
+        // Still failing: a second flush fails too, and more records are kept meanwhile.
+        recorder
+            .record("/v", "later", record(3, "k"))
+            .await
+            .unwrap();
+        assert!(recorder.flush().await.is_err());
+
+        full.store(false, Ordering::SeqCst);
+        let recovered = tokio::time::timeout(
+            Duration::from_secs(40),
+            health.wait_for(|h| h.unwritable.is_none()),
+        )
+        .await
+        .expect("the ledger recovers once space is back")
+        .unwrap()
+        .clone();
+        assert!(recovered.failed_commits >= 2, "{recovered:?}");
+        recorder.flush().await.unwrap();
+        let names: Vec<_> = ledger
+            .records("/v")
+            .unwrap()
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        assert_eq!(names, vec!["before", "during", "later"]);
+        // And the next commit is an ordinary one.
+        recorder
+            .record("/v", "after", record(4, "k"))
+            .await
+            .unwrap();
+        recorder.flush().await.unwrap();
+        // Readable by a plain open once the writer has let go of it.
+        drop((ledger, recorder));
+        let mut reopened = Ledger::open(&path);
+        for _ in 0..100 {
+            if !matches!(reopened, Err(LedgerError::InUse(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            reopened = Ledger::open(&path);
+        }
+        assert_eq!(reopened.unwrap().records("/v").unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn records_kept_while_the_disk_is_full_are_bounded() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let ledger = full_disk::open(&dir.path().join("l.redb"), full.clone()).unwrap();
+        full.store(true, Ordering::SeqCst);
+        let recorder = ledger.recorder();
+        let extra = 50;
+        for i in 0..recorder::MAX_HELD + extra {
+            recorder
+                .record("/v", &format!("f{i:06}"), record(1, "k"))
+                .await
+                .unwrap();
+        }
+        assert!(recorder.flush().await.is_err());
+        full.store(false, Ordering::SeqCst);
+        let mut health = ledger.health();
+        tokio::time::timeout(
+            Duration::from_secs(40),
+            health.wait_for(|h| h.unwritable.is_none()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        recorder.flush().await.unwrap();
+        let kept = ledger.records("/v").unwrap();
+        assert_eq!(kept.len(), recorder::MAX_HELD);
+        // The first ones are kept, those beyond the bound let go.
+        assert_eq!(kept[0].0, "f000000");
+    }
+
+    #[test]
+    fn a_write_refused_for_an_earlier_failure_reopens_the_store() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let ledger = full_disk::open(&dir.path().join("l.redb"), full.clone()).unwrap();
+        ledger.put_all(&[("/v", "a", &record(1, "k"))]).unwrap();
+        full.store(true, Ordering::SeqCst);
+        let err = ledger.put_all(&[("/v", "b", &record(2, "k"))]).unwrap_err();
+        assert!(err.cause().contains("No space left on device"), "{err}");
+        full.store(false, Ordering::SeqCst);
+        // Without a reopen redb would answer "Previous I/O error" from here on.
+        ledger.put_all(&[("/v", "c", &record(3, "k"))]).unwrap();
+        ledger.remove("/v", "a").unwrap();
+        let names: Vec<_> = ledger
+            .records("/v")
+            .unwrap()
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        assert_eq!(names, vec!["c"]);
     }
 
     #[test]

@@ -175,12 +175,13 @@ pub async fn run_with<D: Destination>(
             let shutdown = async move {
                 let _ = stopping.wait_for(|stop| *stop).await;
             };
-            let router = http::router(metrics.clone(), vec![ready_rx, synced_rx]);
+            let router = http::router(metrics.clone(), vec![ready_rx, synced_rx], ledger.health());
             Some(tokio::spawn(http::serve(addr, router, shutdown).await?))
         }
         None => None,
     };
 
+    let mirror = tokio::spawn(health::mirror_ledger(ledger.health(), metrics.clone()));
     let alongside = args.alongside();
     let ctx = Arc::new(Context {
         destination,
@@ -211,7 +212,8 @@ pub async fn run_with<D: Destination>(
 
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let rescan = (!args.once).then_some(args.rescan);
-    let mut sources = Sources::new(filter, events_tx, rescan);
+    let mut sources =
+        Sources::new(filter, events_tx, rescan).max_watches_per_source(args.max_watches_per_source);
     let (drains_tx, drains_rx) = mpsc::unbounded_channel();
     let (refused_tx, refused_rx) = mpsc::unbounded_channel();
     // Only a volume's claim has an owner to tell; standalone, the log and metrics say it.
@@ -270,6 +272,7 @@ pub async fn run_with<D: Destination>(
     if let Some(heap) = heap {
         heap.abort();
     }
+    mirror.abort();
     if let Some(server) = server {
         if args.once {
             server.abort();

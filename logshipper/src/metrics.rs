@@ -31,6 +31,12 @@ pub struct Metrics {
     pub deleted: IntCounter,
     /// 1 while the destination's last check passed.
     pub destination_up: IntGauge,
+    /// 1 while shipped files can be recorded in the ledger.
+    pub ledger_writable: IntGauge,
+    /// Ledger commits that failed; their records are kept and tried again.
+    pub ledger_commit_failures: IntCounter,
+    /// Inotify watches held on source directories.
+    pub watches: IntGauge,
     /// Kubernetes mode: opted-in volumes of this node whose logs are shipped.
     pub volumes_watched: IntGauge,
     /// Kubernetes mode: deleted volumes held until their logs are shipped.
@@ -93,6 +99,18 @@ impl Metrics {
                 "destination_up",
                 "1 while the destination's last check passed.",
             ))?,
+            ledger_writable: IntGauge::with_opts(opts(
+                "ledger_writable",
+                "1 while shipped files can be recorded in the ledger; 0 while its commits fail.",
+            ))?,
+            ledger_commit_failures: IntCounter::with_opts(opts(
+                "ledger_commit_failures_total",
+                "Ledger commits that failed (a full disk); their records are kept and tried again.",
+            ))?,
+            watches: IntGauge::with_opts(opts(
+                "inotify_watches",
+                "Inotify watches held on source directories, from the node's fs.inotify.max_user_watches.",
+            ))?,
             volumes_watched: IntGauge::with_opts(opts(
                 "volumes_watched",
                 "Opted-in volumes of this node whose logs are shipped (Kubernetes mode).",
@@ -120,6 +138,9 @@ impl Metrics {
         r.register(Box::new(self.upload_seconds.clone()))?;
         r.register(Box::new(self.deleted.clone()))?;
         r.register(Box::new(self.destination_up.clone()))?;
+        r.register(Box::new(self.ledger_writable.clone()))?;
+        r.register(Box::new(self.ledger_commit_failures.clone()))?;
+        r.register(Box::new(self.watches.clone()))?;
         r.register(Box::new(self.volumes_watched.clone()))?;
         r.register(Box::new(self.volumes_draining.clone()))?;
         Ok(())

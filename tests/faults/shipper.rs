@@ -4,6 +4,7 @@
 
 mod hostile;
 mod kill;
+mod ledger;
 mod outage;
 mod rewritten;
 
@@ -24,6 +25,7 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario::new("shipper kill -9 mid-upload (20 rounds)", kill::run),
         Scenario::new("MinIO down while logs keep finishing", outage::run),
         Scenario::new("hostile inputs (shipper)", hostile::run),
+        Scenario::new("shipper ledger on a full disk, and unreadable", ledger::run),
     ]
 }
 

@@ -97,6 +97,13 @@ impl ShipperAgent {
         self
     }
 
+    /// Keeps the ledger at `path` in later starts, e.g. on a disk a test fills up.
+    pub fn ledger(mut self, path: &Path) -> Self {
+        self.args.retain(|a| !a.starts_with("--ledger="));
+        self.args.push(format!("--ledger={}", path.display()));
+        self
+    }
+
     /// A scratch directory of this shipper's: its ledger and log live here.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -140,12 +140,14 @@ pub(super) struct Scan {
     pub(super) events: mpsc::Sender<Event>,
     /// Paths already told about, so a rescan does not repeat them.
     pub(super) warned: Arc<Mutex<Warned>>,
+    /// Inotify watches this source holds at most.
+    pub(super) max_watches: usize,
 }
 
 impl Scan {
     pub(super) async fn run(self, rescan: Option<Duration>) {
         let root = self.source.root.clone();
-        let watches = rescan.and_then(|_| match Watches::new() {
+        let watches = rescan.and_then(|_| match Watches::new(self.max_watches) {
             Ok(watches) => Some(watches),
             Err(e) => {
                 tracing::warn!(root = %root.display(), error = %e, "cannot watch for changes (raise fs.inotify.max_user_instances?); relying on the periodic rescan");
@@ -569,6 +571,7 @@ mod tests {
             filter: Arc::new(Filter::new(&include, &[]).unwrap()),
             events,
             warned: Arc::default(),
+            max_watches: usize::MAX,
         };
         (scan, rx)
     }
@@ -601,7 +604,7 @@ mod tests {
         }
         want.sort();
         let (scan, rx) = scan_of(&root);
-        let watches = Watches::new().unwrap();
+        let watches = Watches::new(usize::MAX).unwrap();
         scan.walk_in(&root, Some((&watches, None)), 4);
         let mut found: Vec<String> = found(scan, rx).into_iter().map(|(r, _)| r).collect();
         found.sort();

@@ -3,13 +3,18 @@
 //! only when an event needs it: well under half of what a path-keyed watcher holds
 //! (BENCHMARKS.md, P3). Directories are watched by the scan's walk as it reaches
 //! them, so the tree is listed once, not once for the walk and once for the watch.
+//!
+//! Watches come from a budget the kubelet and every pod on the node share
+//! (`fs.inotify.max_user_watches`), so one source holds at most `--max-watches-per-source`.
+//! A directory beyond that, or beyond the node's budget, is left to the periodic rescan,
+//! which walks the whole root: a log there is found, only later.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use nix::errno::Errno;
@@ -46,6 +51,17 @@ fn mask() -> AddWatchFlags {
 /// Changes taken at once after the first; the rest wait in the kernel's queue.
 const MORE: usize = 4096;
 
+/// Watches held by every source of this process.
+static HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// The node ran out of inotify watches: said once per process, not once per directory.
+static EXHAUSTED: AtomicBool = AtomicBool::new(false);
+
+/// Inotify watches held by every source of this process.
+pub fn held() -> usize {
+    HELD.load(Ordering::Relaxed)
+}
+
 struct Dir {
     parent: Option<WatchDescriptor>,
     /// The full root path for the root, a single component below it.
@@ -54,20 +70,23 @@ struct Dir {
 
 /// The watched directories, placed one at a time by the scan's walks: a directory is
 /// watched before it is listed, so a file made in it after the listing is reported.
-/// Walking threads place watches at once: the map is locked only to note a new watch.
+/// The map is locked while a watch is placed, so walking threads never pass `max` together.
 pub(super) struct Watches {
     inotify: Inotify,
     dirs: Mutex<HashMap<WatchDescriptor, Dir>>,
     /// Every directory asked for so far is watched.
     complete: AtomicBool,
+    /// Watches held at most.
+    max: usize,
 }
 
 impl Watches {
-    pub(super) fn new() -> io::Result<Self> {
+    pub(super) fn new(max: usize) -> io::Result<Self> {
         Ok(Self {
             inotify: Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?,
             dirs: Mutex::default(),
             complete: AtomicBool::new(true),
+            max,
         })
     }
 
@@ -81,19 +100,27 @@ impl Watches {
         parent: Option<WatchDescriptor>,
         name: &OsStr,
     ) -> Option<WatchDescriptor> {
+        let mut dirs = self.dirs.lock().expect("not poisoned");
+        if dirs.len() >= self.max {
+            if self.complete.swap(false, Ordering::Relaxed) {
+                tracing::warn!(dir = %dir.display(), watches = self.max, "more directories than --max-watches-per-source; those beyond it are found by the periodic rescan");
+            }
+            return None;
+        }
         match self.inotify.add_watch(dir, mask()) {
             Ok(wd) => {
                 let name = name.into();
-                let mut dirs = self.dirs.lock().expect("not poisoned");
-                dirs.insert(wd, Dir { parent, name });
+                if dirs.insert(wd, Dir { parent, name }).is_none() {
+                    HELD.fetch_add(1, Ordering::Relaxed);
+                }
                 Some(wd)
             }
             // Gone or replaced since it was listed.
             Err(Errno::ENOENT | Errno::ENOTDIR) => None,
             Err(e) => {
-                let was_complete = self.complete.swap(false, Ordering::Relaxed);
-                if e == Errno::ENOSPC && was_complete {
-                    tracing::warn!(dir = %dir.display(), "out of inotify watches (raise fs.inotify.max_user_watches); relying on the periodic rescan");
+                self.complete.store(false, Ordering::Relaxed);
+                if e == Errno::ENOSPC && !EXHAUSTED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(dir = %dir.display(), held = held(), "out of inotify watches on this node (raise fs.inotify.max_user_watches, or lower --max-watches-per-source); directories without one are found by the periodic rescan");
                 }
                 None
             }
@@ -155,6 +182,7 @@ impl Watches {
         let gone: Vec<WatchDescriptor> = dirs.keys().copied().filter(|wd| below(*wd)).collect();
         for wd in gone {
             dirs.remove(&wd);
+            HELD.fetch_sub(1, Ordering::Relaxed);
             let _ = self.inotify.rm_watch(wd);
         }
     }
@@ -168,7 +196,15 @@ impl Watches {
                 continue;
             }
             if event.mask.contains(AddWatchFlags::IN_IGNORED) {
-                self.dirs.get_mut().expect("not poisoned").remove(&event.wd);
+                if self
+                    .dirs
+                    .get_mut()
+                    .expect("not poisoned")
+                    .remove(&event.wd)
+                    .is_some()
+                {
+                    HELD.fetch_sub(1, Ordering::Relaxed);
+                }
                 continue;
             }
             let (Some(name), Some(dir)) = (event.name, self.path_of(event.wd)) else {
@@ -191,6 +227,13 @@ impl Watches {
             changes.push(Change::Path(path));
         }
         changes
+    }
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        let held = self.dirs.get_mut().map_or(0, |dirs| dirs.len());
+        HELD.fetch_sub(held, Ordering::Relaxed);
     }
 }
 
@@ -264,7 +307,7 @@ mod tests {
         let root = root.path().canonicalize().unwrap();
         std::fs::create_dir_all(root.join("dag_id=a/run_id=r/task_id=t")).unwrap();
         std::fs::create_dir_all(root.join("elsewhere")).unwrap();
-        let watches = Watches::new().unwrap();
+        let watches = Watches::new(usize::MAX).unwrap();
         watch_all(&watches, &root, None, root.as_os_str());
         assert!(watches.complete());
         assert_eq!(watches.len(), 5);
@@ -317,10 +360,32 @@ mod tests {
     }
 
     #[test]
+    fn watches_stop_at_the_cap() {
+        let root = tempfile::tempdir().unwrap();
+        let mut dirs = vec![root.path().to_owned()];
+        for i in 0..5 {
+            let dir = root.path().join(format!("dag_id={i}"));
+            std::fs::create_dir(&dir).unwrap();
+            dirs.push(dir);
+        }
+        let watches = Watches::new(3).unwrap();
+        let root_wd = watches.watch(&dirs[0], None, dirs[0].as_os_str());
+        assert!(root_wd.is_some());
+        let placed = dirs[1..]
+            .iter()
+            .filter_map(|d| watches.watch(d, root_wd, d.file_name().unwrap()))
+            .count();
+        assert_eq!(placed, 2);
+        assert_eq!(watches.len(), 3);
+        // What has no watch is left to the rescan.
+        assert!(!watches.complete());
+    }
+
+    #[test]
     fn a_directory_that_is_gone_or_not_a_directory_is_not_watched() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("file"), b"").unwrap();
-        let watches = Watches::new().unwrap();
+        let watches = Watches::new(usize::MAX).unwrap();
         let file = dir.path().join("file");
         assert_eq!(watches.watch(&file, None, file.as_os_str()), None);
         let missing = dir.path().join("missing");

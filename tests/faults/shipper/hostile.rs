@@ -21,6 +21,14 @@ const SECRET: &[u8] = b"root:x:0:0:root:/root:/bin/bash\n";
 pub(super) struct Rows(Tally);
 
 impl Rows {
+    pub(super) fn new() -> Self {
+        Rows(Tally::default())
+    }
+
+    pub(super) fn tally(self) -> Tally {
+        self.0
+    }
+
     pub(super) fn row(&mut self, name: &str, ok: bool, detail: &str) {
         self.0.rounds += 1;
         self.0.faults += 1;
@@ -37,12 +45,13 @@ impl Rows {
 pub async fn run() -> Result<Tally> {
     let minio = Minio::start().await?;
     minio.create_bucket(BUCKET).await?;
-    let mut rows = Rows(Tally::default());
+    let mut rows = Rows::new();
     files(&minio, &mut rows).await?;
     missing_bucket(&minio, &mut rows).await?;
     refused(&minio, &mut rows).await?;
     per_namespace_without_kubernetes(&minio, &mut rows).await?;
     long_name_to_a_folder(&minio, &mut rows).await?;
+    beyond_the_watch_cap(&minio, &mut rows).await?;
     super::rewritten::run(&minio, &mut rows).await?;
     Ok(rows.0)
 }
@@ -68,6 +77,44 @@ async fn long_name_to_a_folder(minio: &Minio, rows: &mut Rows) -> Result<()> {
             got.map(|g| g.len())
         ),
     );
+    Ok(())
+}
+
+/// A source with more directories than its watches may cover: a log made deep in one
+/// without a watch still ships, found by the rescan, and the cap holds.
+async fn beyond_the_watch_cap(minio: &Minio, rows: &mut Rows) -> Result<()> {
+    let source = scratch_dir("watch-cap-logs")?;
+    for i in 0..50 {
+        std::fs::create_dir_all(source.join(format!("dag_id=d{i:02}/run_id=r/task_id=t")))?;
+    }
+    let mut shipper = ShipperAgent::standalone(
+        minio,
+        &source,
+        &format!("s3://{BUCKET}/watch-cap"),
+        &["--settle=0s", "--rescan=2s", "--max-watches-per-source=5"],
+    )?;
+    shipper.start().await?;
+    let relative = "dag_id=d49/run_id=r/task_id=t/attempt=1.log";
+    write_log(&source, relative, b"a log where no watch is\n")?;
+    let written = Instant::now();
+    let shipped = wait_for("the deep log to ship", Duration::from_secs(30), || async {
+        Ok(minio
+            .get_object(BUCKET, &format!("watch-cap/{relative}"))
+            .await?
+            .filter(|o| o.as_slice() == b"a log where no watch is\n"))
+    })
+    .await;
+    let took = written.elapsed();
+    let watches = shipper.metric("localship_logshipper_inotify_watches")?;
+    rows.row(
+        "151 directories, --max-watches-per-source=5",
+        shipped.is_ok() && watches == Some(5.0),
+        &format!(
+            "a log deep in an unwatched directory shipped after {:.1}s (--rescan=2s); inotify_watches {watches:?}",
+            took.as_secs_f64()
+        ),
+    );
+    shipper.stop(Duration::from_secs(10));
     Ok(())
 }
 
