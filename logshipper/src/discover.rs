@@ -99,7 +99,11 @@ pub enum Event {
     /// The first walk of the source is complete.
     WalkDone { source: Arc<Source> },
     /// The source was removed; nothing more comes from it.
-    SourceRemoved { source: Arc<Source> },
+    SourceRemoved {
+        source: Arc<Source>,
+        /// Gone for good, not replaced by a walk of the same root (another drain).
+        gone: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -190,7 +194,7 @@ impl Sources {
         let mut source = Source::new(root)?;
         source.draining = true;
         source.place = place;
-        self.remove(&source.root).await;
+        self.stop(&source.root, false).await;
         let source = Arc::new(source);
         self.start(source.clone(), None);
         Ok(source)
@@ -210,6 +214,10 @@ impl Sources {
 
     /// Stops watching `root`; what was found there and not shipped yet is dropped downstream.
     pub async fn remove(&mut self, root: &Path) -> Option<Arc<Source>> {
+        self.stop(root, true).await
+    }
+
+    async fn stop(&mut self, root: &Path, gone: bool) -> Option<Arc<Source>> {
         let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
         let (source, task) = self.running.remove(&root)?;
         source.removed.store(true, Ordering::SeqCst);
@@ -220,6 +228,7 @@ impl Sources {
             .events
             .send(Event::SourceRemoved {
                 source: source.clone(),
+                gone,
             })
             .await;
         Some(source)
@@ -354,7 +363,7 @@ mod tests {
         assert_eq!(removed.id, source.id);
         assert!(sources.is_empty());
         loop {
-            if let Event::SourceRemoved { source } = next(&mut rx).await {
+            if let Event::SourceRemoved { source, gone: true } = next(&mut rx).await {
                 assert_eq!(source.id, removed.id);
                 break;
             }
@@ -374,7 +383,9 @@ mod tests {
         let drained = sources.drain(root).await.unwrap();
         assert!(drained.draining);
         assert_eq!(sources.len(), 1);
-        assert!(matches!(next(&mut rx).await, Event::SourceRemoved { source } if !source.draining));
+        assert!(
+            matches!(next(&mut rx).await, Event::SourceRemoved { source, gone: false } if !source.draining)
+        );
         assert!(matches!(next(&mut rx).await, Event::WalkStarted { source } if source.draining));
         match next(&mut rx).await {
             Event::Found {

@@ -331,9 +331,10 @@ impl<D: Destination> Pipeline<D> {
                 self.walks_left = self.walks_left.saturating_sub(1);
                 self.publish_readiness();
             }
-            Event::SourceRemoved { source } => {
+            Event::SourceRemoved { source, gone } => {
                 tracing::info!(source = %source.root.display(), "source removed");
-                if source.draining {
+                // Drained and gone for good; a drain walked again still needs them.
+                if source.draining && gone {
                     self.forget_records(source.clone());
                 }
                 self.drains.removed(&source.id);
