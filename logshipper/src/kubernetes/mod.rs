@@ -1,12 +1,13 @@
 //! Kubernetes mode (`--node-name`): the sources are this node's localship volumes that opt
 //! in, found by watching PVs; a deleted volume is held by our finalizer until every log in
-//! it is shipped. `volume` and `opt_in` decide (pure), `finalizer` edits the PV,
-//! `controller` reconciles, and this module wires them beside the pipeline.
+//! it is shipped. `volume`, `opt_in` and `step` decide (pure), `finalizer` edits the
+//! PV, `controller` reconciles, and this module wires them beside the pipeline.
 
 pub mod controller;
 pub mod finalizer;
 pub mod names;
 pub mod opt_in;
+pub mod step;
 pub mod volume;
 
 use std::sync::Arc;
