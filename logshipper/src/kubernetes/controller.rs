@@ -261,7 +261,7 @@ async fn drain(pv: &PersistentVolume, ctx: &Context) -> Result<Action> {
     let volume = Volume::of(pv, &ctx.node).map_err(|why| {
         Error::Volume(format!(
             "{why}; the PV keeps the {} finalizer until that is fixed",
-            super::names::SHIP_LOGS_FINALIZER
+            localship_names::SHIP_LOGS_FINALIZER
         ))
     })?;
     let draining = ctx

@@ -5,7 +5,6 @@
 
 pub mod controller;
 pub mod finalizer;
-pub mod names;
 pub mod opt_in;
 pub mod step;
 pub mod volume;
@@ -19,6 +18,7 @@ use kube::api::Api;
 use kube::runtime::controller::{self as runtime, Controller};
 use kube::runtime::watcher;
 use kube::Client;
+use localship_names::NODE_LABEL;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -27,7 +27,6 @@ use crate::discover::{Source, Sources};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 use controller::Context;
-use names::NODE_LABEL;
 
 /// How often volumes whose PV vanished behind our back are looked for.
 const VANISHED_EVERY: Duration = Duration::from_secs(60);

@@ -71,7 +71,7 @@ pub fn next(pv: &PersistentVolume, node: &str, opt_in: Option<OptIn>) -> Step {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubernetes::names::{BASE_PATH, HOST_PATH, NODE, SHIP_LOGS_FINALIZER};
+    use localship_names::{BASE_PATH, HOST_PATH, NODE, SHIP_LOGS_FINALIZER};
     use serde_json::json;
     use std::path::PathBuf;
 
