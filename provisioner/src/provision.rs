@@ -401,14 +401,24 @@ async fn warn_if_immediate(claim: &PersistentVolumeClaim, ctx: &Context) -> Resu
         "count": 1,
     }))
     .map_err(|e| Error::Invalid(e.to_string()))?;
-    match Api::<CoreEvent>::namespaced(ctx.client.clone(), &namespace)
+    let result = match Api::<CoreEvent>::namespaced(ctx.client.clone(), &namespace)
         .create(&PostParams::default(), &event)
         .await
     {
-        Ok(_) => tracing::warn!(claim = %claim_id(claim), "{note}"),
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => tracing::warn!(error = %e, "could not publish the WaitForFirstConsumer Event"),
-    }
+        Ok(_) => {
+            tracing::warn!(claim = %claim_id(claim), "{note}");
+            "published"
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => "exists",
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish the WaitForFirstConsumer Event");
+            "error"
+        }
+    };
+    ctx.metrics
+        .immediate_binding
+        .with_label_values(&[result])
+        .inc();
     Ok(())
 }
 
