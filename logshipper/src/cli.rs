@@ -16,7 +16,7 @@ use crate::{Error, Result};
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9102";
 
 /// Claim annotation (or StorageClass parameter or annotation) that opts a volume in.
-pub const DEFAULT_OPT_IN_ANNOTATION: &str = "localship.io/ship-to";
+pub const DEFAULT_OPT_IN_ANNOTATION: &str = localship_names::SHIP_TO;
 
 /// Ships finished Apache Airflow task logs to S3/MinIO or a directory, exactly once.
 ///

@@ -1,4 +1,7 @@
-//! Every annotation, label and finalizer the provisioner reads or writes.
+//! Every annotation, label and finalizer the provisioner reads or writes. Those the log
+//! shipper reads or writes too are defined in `localship-names`, and named here with the rest.
+
+pub use localship_names::{BASE_PATH, HOST_PATH, NODE, NODE_LABEL, SHIP_LOGS_FINALIZER, SHIP_TO};
 
 /// Set by the scheduler on a WaitForFirstConsumer claim: the node it picked.
 pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
@@ -12,25 +15,9 @@ pub const BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
 /// Stamped on every PV we create, as the external-provisioner library does.
 pub const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 
-/// Node the volume's directory lives on.
-pub const NODE: &str = "localship.io/node";
-/// Absolute path of the volume's directory on that node.
-pub const HOST_PATH: &str = "localship.io/host-path";
-/// Base path the directory was made under (which disk, with several).
-pub const BASE_PATH: &str = "localship.io/base-path";
-
-/// Label on our PVs so each agent watches only its own node's volumes.
-pub const NODE_LABEL: &str = "localship.io/node";
-
 /// Held by the provisioner until the volume's directory is removed (or kept,
 /// with `Retain`), so a PV never disappears while its data is unaccounted for.
 pub const CLEANUP_FINALIZER: &str = "localship.io/cleanup";
-/// Held by the log shipper until every log in the volume is shipped; the
-/// directory is not removed while it is present.
-pub const SHIP_LOGS_FINALIZER: &str = "localship.io/ship-logs";
-/// The log shipper's default opt-in annotation: on a claim (or its class), it asks for the
-/// volume's logs to be shipped; copied onto the PV so the ask outlives the claim.
-pub const SHIP_TO: &str = "localship.io/ship-to";
 
 /// StorageClass parameter or claim annotation: `hostPath` (default) or `local`.
 pub const VOLUME_TYPE: &str = "volumeType";

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub orphans: IntCounterVec,
     /// result = success | error
     pub config_reloads: IntCounterVec,
+    /// Reconciles of a claim whose class binds Immediately, by what became of its one
+    /// Event; result = published | exists | error
+    pub immediate_binding: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -71,7 +74,15 @@ impl Default for Metrics {
             &["result"],
         )
         .unwrap();
-        for c in [&operations, &orphans, &config_reloads] {
+        let immediate_binding = IntCounterVec::new(
+            Opts::new(
+                "immediate_binding_claims_total",
+                "Reconciles of a claim whose class binds Immediately, by what became of its warning Event",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        for c in [&operations, &orphans, &config_reloads, &immediate_binding] {
             registry.register(Box::new(c.clone())).unwrap();
         }
         registry.register(Box::new(duration.clone())).unwrap();
@@ -85,6 +96,7 @@ impl Default for Metrics {
             used_bytes,
             orphans,
             config_reloads,
+            immediate_binding,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
@@ -15,8 +16,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::annotations::{NODE_PATH, PATH_PATTERN, SELECTED_NODE, VOLUME_TYPE};
-use crate::claim::{self, Disposition};
-use crate::config::Placement;
+use crate::claim::{self, Disposition, Request, VolumeType};
+use crate::config::{Config, Placement};
 use crate::context::Context;
 use crate::paths::{self, ClaimNames};
 use crate::volume::{self, Plan};
@@ -27,10 +28,7 @@ use crate::{disk, owner, Error, Result};
 pub type ClaimMeta = PartialObjectMeta<PersistentVolumeClaim>;
 
 pub async fn reconcile(meta: Arc<ClaimMeta>, ctx: Arc<Context>) -> Result<Action> {
-    if !matches!(
-        claim::disposition(&meta.metadata, &ctx.node, &ctx.names),
-        Disposition::Mine | Disposition::AwaitingNode
-    ) {
+    if step(&meta.metadata, false, &ctx.node, &ctx.names) == Step::Ignore {
         return Ok(Action::await_change());
     }
     let api: Api<PersistentVolumeClaim> = Api::namespaced(
@@ -41,16 +39,18 @@ pub async fn reconcile(meta: Arc<ClaimMeta>, ctx: Arc<Context>) -> Result<Action
         return Ok(Action::await_change());
     };
     // Decided again on what was just read: the claim may have moved on since the event.
-    if claim::has_volume(&claim) {
-        return Ok(Action::await_change());
-    }
-    match claim::disposition(&claim.metadata, &ctx.node, &ctx.names) {
-        Disposition::Mine => {}
-        Disposition::AwaitingNode => {
+    match step(
+        &claim.metadata,
+        claim::has_volume(&claim),
+        &ctx.node,
+        &ctx.names,
+    ) {
+        Step::Provision => {}
+        Step::AwaitNode => {
             warn_if_immediate(&claim, &ctx).await?;
             return Ok(Action::await_change());
         }
-        _ => return Ok(Action::await_change()),
+        Step::Ignore => return Ok(Action::await_change()),
     }
     let start = Instant::now();
     let result = provision(&claim, &ctx).await;
@@ -73,6 +73,30 @@ pub async fn reconcile(meta: Arc<ClaimMeta>, ctx: Arc<Context>) -> Result<Action
         Err(Error::MissingClass(_)) => Ok(Action::requeue(Duration::from_secs(10))),
         Err(e) => Err(e),
         Ok(_) => Ok(Action::await_change()),
+    }
+}
+
+/// What an agent does with a claim it sees.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Not this agent's, or it has a volume already.
+    Ignore,
+    /// Ours, with no node picked yet: an Immediate class is warned about.
+    AwaitNode,
+    /// Ours, placed on this node.
+    Provision,
+}
+
+/// The `ShouldProvision` decision. An agent watches only metadata, so it is taken first on
+/// that (`names_volume` false), then again on the whole claim once read.
+fn step(meta: &ObjectMeta, names_volume: bool, node: &str, names: &[String]) -> Step {
+    if names_volume {
+        return Step::Ignore;
+    }
+    match claim::disposition(meta, node, names) {
+        Disposition::Mine => Step::Provision,
+        Disposition::AwaitingNode => Step::AwaitNode,
+        Disposition::NotOurs | Disposition::Bound | Disposition::OtherNode => Step::Ignore,
     }
 }
 
@@ -109,60 +133,31 @@ async fn provision(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Outco
         .await;
         return Err(Error::MissingClass(class_name));
     };
-    let params = class.parameters.clone().unwrap_or_default();
-    let request = match claim::request(claim) {
-        Ok(r) => r,
-        Err(e) => {
-            fail(e.to_string()).await;
+    let draft = match draft(
+        claim,
+        &pv_name,
+        &class_name,
+        &class,
+        &ctx.config.get(),
+        &ctx.node,
+    ) {
+        Ok(d) => d,
+        Err(Refusal::Invalid(note)) => {
+            fail(note).await;
             return Ok(Outcome::Refused);
         }
-    };
-    let volume_type = match claim::volume_type(claim, params.get(VOLUME_TYPE).map(String::as_str)) {
-        Ok(t) => t,
-        Err(e) => {
-            fail(e.to_string()).await;
-            return Ok(Outcome::Refused);
+        Err(Refusal::NoPath(note)) => {
+            fail(note).await;
+            unselect_node(claim, ctx).await?;
+            return Ok(Outcome::HandedBack("no_path"));
         }
     };
-    let names = ClaimNames {
-        pv_name: &pv_name,
-        namespace: claim.metadata.namespace.as_deref().unwrap_or_default(),
-        name: claim.metadata.name.as_deref().unwrap_or_default(),
-        annotations: claim.metadata.annotations.as_ref(),
-        labels: claim.metadata.labels.as_ref(),
-    };
-    let rel = match paths::volume_dir(&names, params.get(PATH_PATTERN).map(String::as_str)) {
-        Ok(r) => r,
-        Err(e) => {
-            fail(format!("{e}; fix the StorageClass `{class_name}`")).await;
-            return Ok(Outcome::Refused);
-        }
-    };
-
-    let config = ctx.config.get();
-    let mut candidates = match config.placement(&ctx.node, &class_name) {
-        Placement::SharedFileSystem(_) => {
-            fail(format!(
-                "StorageClass `{class_name}` uses sharedFileSystemPath, which localship does not serve yet"
-            ))
-            .await;
-            return Ok(Outcome::Refused);
-        }
-        Placement::Paths(p) => p,
-    };
-    if let Some(only) = params.get(NODE_PATH) {
-        candidates.retain(|p| p.as_os_str() == only.as_str());
-    }
-    if candidates.is_empty() {
-        fail(format!(
-            "node {} has no base path for StorageClass `{class_name}` in the config; \
-             handing the claim back to the scheduler to pick another node",
-            ctx.node
-        ))
-        .await;
-        unselect_node(claim, ctx).await?;
-        return Ok(Outcome::HandedBack("no_path"));
-    }
+    let Draft {
+        request,
+        volume_type,
+        rel,
+        candidates,
+    } = draft;
 
     // A directory left by an attempt that crashed before writing the PV is
     // reused, wherever it is, so no orphan is left behind.
@@ -278,6 +273,73 @@ async fn provision(claim: &PersistentVolumeClaim, ctx: &Context) -> Result<Outco
     Ok(Outcome::Provisioned)
 }
 
+/// What a claim asks of this node, checked before anything is made.
+#[derive(Debug)]
+struct Draft {
+    request: Request,
+    volume_type: VolumeType,
+    /// The volume's directory, relative to the base path it goes under.
+    rel: PathBuf,
+    /// The base paths it may go under, before free space is looked at.
+    candidates: Vec<PathBuf>,
+}
+
+/// Why a claim is not provisioned on this node; the note is said on the claim.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// It asks for something we cannot make.
+    Invalid(String),
+    /// This node has no base path for it: the claim goes back to the scheduler.
+    NoPath(String),
+}
+
+/// Checks a claim against its class and this node's config: pure.
+fn draft(
+    claim: &PersistentVolumeClaim,
+    pv_name: &str,
+    class_name: &str,
+    class: &StorageClass,
+    config: &Config,
+    node: &str,
+) -> Result<Draft, Refusal> {
+    let params = class.parameters.clone().unwrap_or_default();
+    let request = claim::request(claim).map_err(|e| Refusal::Invalid(e.to_string()))?;
+    let volume_type = claim::volume_type(claim, params.get(VOLUME_TYPE).map(String::as_str))
+        .map_err(|e| Refusal::Invalid(e.to_string()))?;
+    let names = ClaimNames {
+        pv_name,
+        namespace: claim.metadata.namespace.as_deref().unwrap_or_default(),
+        name: claim.metadata.name.as_deref().unwrap_or_default(),
+        annotations: claim.metadata.annotations.as_ref(),
+        labels: claim.metadata.labels.as_ref(),
+    };
+    let rel = paths::volume_dir(&names, params.get(PATH_PATTERN).map(String::as_str))
+        .map_err(|e| Refusal::Invalid(format!("{e}; fix the StorageClass `{class_name}`")))?;
+    let mut candidates = match config.placement(node, class_name) {
+        Placement::SharedFileSystem(_) => {
+            return Err(Refusal::Invalid(format!(
+                "StorageClass `{class_name}` uses sharedFileSystemPath, which localship does not serve yet"
+            )))
+        }
+        Placement::Paths(p) => p,
+    };
+    if let Some(only) = params.get(NODE_PATH) {
+        candidates.retain(|p| p.as_os_str() == only.as_str());
+    }
+    if candidates.is_empty() {
+        return Err(Refusal::NoPath(format!(
+            "node {node} has no base path for StorageClass `{class_name}` in the config; \
+             handing the claim back to the scheduler to pick another node"
+        )));
+    }
+    Ok(Draft {
+        request,
+        volume_type,
+        rel,
+        candidates,
+    })
+}
+
 /// Removes `selected-node` so the scheduler places the pod again, as the
 /// external-provisioner library does when a node cannot serve a claim. The
 /// resourceVersion makes it a no-op if the claim changed meanwhile.
@@ -315,7 +377,7 @@ async fn warn_if_immediate(claim: &PersistentVolumeClaim, ctx: &Context) -> Resu
     let Some(class) = class else {
         return Ok(());
     };
-    if class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
+    if !binds_immediately(&class) {
         return Ok(());
     }
     let namespace = claim.metadata.namespace.clone().unwrap_or_default();
@@ -339,15 +401,31 @@ async fn warn_if_immediate(claim: &PersistentVolumeClaim, ctx: &Context) -> Resu
         "count": 1,
     }))
     .map_err(|e| Error::Invalid(e.to_string()))?;
-    match Api::<CoreEvent>::namespaced(ctx.client.clone(), &namespace)
+    let result = match Api::<CoreEvent>::namespaced(ctx.client.clone(), &namespace)
         .create(&PostParams::default(), &event)
         .await
     {
-        Ok(_) => tracing::warn!(claim = %claim_id(claim), "{note}"),
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => tracing::warn!(error = %e, "could not publish the WaitForFirstConsumer Event"),
-    }
+        Ok(_) => {
+            tracing::warn!(claim = %claim_id(claim), "{note}");
+            "published"
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => "exists",
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish the WaitForFirstConsumer Event");
+            "error"
+        }
+    };
+    ctx.metrics
+        .immediate_binding
+        .with_label_values(&[result])
+        .inc();
     Ok(())
+}
+
+/// Whether a class binds a claim before the scheduler picks a node: anything but
+/// WaitForFirstConsumer, Immediate being the default.
+fn binds_immediately(class: &StorageClass) -> bool {
+    class.volume_binding_mode.as_deref() != Some("WaitForFirstConsumer")
 }
 
 /// The claim's class name and, if it exists, the class from the cache.
@@ -378,4 +456,224 @@ fn human(bytes: u64) -> String {
         unit += 1;
     }
     format!("{v:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::{BIND_COMPLETED, STORAGE_PROVISIONER};
+    use serde_json::json;
+    use std::path::Path;
+
+    const NODE: &str = "node-a";
+
+    fn names() -> Vec<String> {
+        vec!["localship.io/local-path".into()]
+    }
+
+    fn claim(annotations: serde_json::Value, spec: serde_json::Value) -> PersistentVolumeClaim {
+        serde_json::from_value(json!({
+            "metadata": { "name": "data", "namespace": "ns", "uid": "u1", "annotations": annotations },
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    /// A claim for this agent placed on `node`, asking for 1Gi.
+    fn placed_on(node: &str) -> PersistentVolumeClaim {
+        claim(
+            json!({ STORAGE_PROVISIONER: "localship.io/local-path", SELECTED_NODE: node }),
+            json!({ "storageClassName": "local", "resources": { "requests": { "storage": "1Gi" } } }),
+        )
+    }
+
+    fn class(parameters: serde_json::Value) -> StorageClass {
+        serde_json::from_value(json!({
+            "metadata": { "name": "local" },
+            "provisioner": "localship.io/local-path",
+            "volumeBindingMode": "WaitForFirstConsumer",
+            "parameters": parameters,
+        }))
+        .unwrap()
+    }
+
+    fn config(json: serde_json::Value) -> Config {
+        Config::parse(Path::new("config.json"), &json.to_string()).unwrap()
+    }
+
+    fn draft_of(
+        claim: &PersistentVolumeClaim,
+        class: &StorageClass,
+        config: &Config,
+    ) -> Result<Draft, Refusal> {
+        draft(claim, "pvc-u1", "local", class, config, NODE)
+    }
+
+    fn step_of(claim: &PersistentVolumeClaim) -> Step {
+        step(&claim.metadata, claim::has_volume(claim), NODE, &names())
+    }
+
+    #[test]
+    fn a_claim_placed_on_this_node_is_provisioned() {
+        assert_eq!(step_of(&placed_on(NODE)), Step::Provision);
+    }
+
+    #[test]
+    fn another_provisioners_claim_is_ignored() {
+        let other = claim(
+            json!({ STORAGE_PROVISIONER: "ebs.csi.aws.com", SELECTED_NODE: NODE }),
+            json!({}),
+        );
+        assert_eq!(step_of(&other), Step::Ignore);
+        assert_eq!(step_of(&claim(json!({}), json!({}))), Step::Ignore);
+    }
+
+    #[test]
+    fn a_claim_placed_on_another_node_is_left_to_its_agent() {
+        assert_eq!(step_of(&placed_on("node-b")), Step::Ignore);
+    }
+
+    #[test]
+    fn a_claim_with_no_node_yet_waits_for_the_scheduler() {
+        let unplaced = claim(
+            json!({ STORAGE_PROVISIONER: "localship.io/local-path" }),
+            json!({}),
+        );
+        assert_eq!(step_of(&unplaced), Step::AwaitNode);
+    }
+
+    #[test]
+    fn a_claim_that_has_a_volume_is_ignored() {
+        let bound = claim(
+            json!({
+                STORAGE_PROVISIONER: "localship.io/local-path",
+                SELECTED_NODE: NODE,
+                BIND_COMPLETED: "yes"
+            }),
+            json!({}),
+        );
+        assert_eq!(step_of(&bound), Step::Ignore);
+        // Named by its author before the PV controller annotated it: the metadata the
+        // watch sees lets it through, the whole claim read after does not.
+        let prebound = claim(
+            json!({ STORAGE_PROVISIONER: "localship.io/local-path", SELECTED_NODE: NODE }),
+            json!({ "volumeName": "pvc-other" }),
+        );
+        assert_eq!(
+            step(&prebound.metadata, false, NODE, &names()),
+            Step::Provision
+        );
+        assert_eq!(step_of(&prebound), Step::Ignore);
+    }
+
+    #[test]
+    fn only_a_class_that_waits_for_the_consumer_is_not_warned_about() {
+        assert!(!binds_immediately(&class(json!({}))));
+        let mut immediate = class(json!({}));
+        immediate.volume_binding_mode = Some("Immediate".into());
+        assert!(binds_immediately(&immediate));
+        immediate.volume_binding_mode = None;
+        assert!(binds_immediately(&immediate));
+    }
+
+    #[test]
+    fn a_valid_claim_gets_its_directory_name_and_the_nodes_base_paths() {
+        let config = config(json!({ "nodePathMap": [
+            { "node": NODE, "paths": ["/data1", "/data2"] },
+        ] }));
+        let d = draft_of(&placed_on(NODE), &class(json!({})), &config).unwrap();
+        assert_eq!(d.rel, PathBuf::from("pvc-u1_ns_data"));
+        assert_eq!(
+            d.candidates,
+            [PathBuf::from("/data1"), PathBuf::from("/data2")]
+        );
+        assert_eq!(
+            (d.request.bytes, d.volume_type),
+            (1 << 30, VolumeType::HostPath)
+        );
+        // nodePath narrows the choice to one base path.
+        let d = draft_of(
+            &placed_on(NODE),
+            &class(json!({ NODE_PATH: "/data2", VOLUME_TYPE: "local" })),
+            &config,
+        )
+        .unwrap();
+        assert_eq!(d.candidates, [PathBuf::from("/data2")]);
+        assert_eq!(d.volume_type, VolumeType::Local);
+    }
+
+    #[test]
+    fn a_claim_asking_for_what_a_local_volume_cannot_be_is_refused() {
+        let config = Config::single(Path::new("/data"));
+        let rwx = claim(
+            json!({ STORAGE_PROVISIONER: "localship.io/local-path", SELECTED_NODE: NODE }),
+            json!({ "accessModes": ["ReadWriteMany"], "resources": { "requests": { "storage": "1Gi" } } }),
+        );
+        let Err(Refusal::Invalid(note)) = draft_of(&rwx, &class(json!({})), &config) else {
+            panic!("a ReadWriteMany claim is provisioned");
+        };
+        assert!(note.contains("ReadWriteMany"), "{note}");
+        let no_size = claim(
+            json!({ STORAGE_PROVISIONER: "localship.io/local-path", SELECTED_NODE: NODE }),
+            json!({}),
+        );
+        assert!(matches!(
+            draft_of(&no_size, &class(json!({})), &config),
+            Err(Refusal::Invalid(_))
+        ));
+        let nfs = class(json!({ VOLUME_TYPE: "nfs" }));
+        let Err(Refusal::Invalid(note)) = draft_of(&placed_on(NODE), &nfs, &config) else {
+            panic!("an unknown volumeType is provisioned");
+        };
+        assert!(note.contains("nfs"), "{note}");
+    }
+
+    #[test]
+    fn a_claim_whose_names_make_an_unsafe_path_is_refused_with_the_class_to_fix() {
+        let config = Config::single(Path::new("/data"));
+        let pattern = class(json!({ PATH_PATTERN: "{{ .PVC.Annotations.dir }}" }));
+        let mut escaping = placed_on(NODE);
+        escaping
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("dir".into(), "..".into());
+        let Err(Refusal::Invalid(note)) = draft_of(&escaping, &pattern, &config) else {
+            panic!("a path out of the base path is provisioned");
+        };
+        assert!(note.ends_with("fix the StorageClass `local`"), "{note}");
+    }
+
+    #[test]
+    fn a_class_on_a_shared_filesystem_is_refused() {
+        let config = config(json!({ "sharedFileSystemPath": "/mnt/nfs" }));
+        let Err(Refusal::Invalid(note)) = draft_of(&placed_on(NODE), &class(json!({})), &config)
+        else {
+            panic!("a shared-filesystem class is provisioned");
+        };
+        assert!(note.contains("sharedFileSystemPath"), "{note}");
+    }
+
+    #[test]
+    fn a_node_with_no_base_path_for_the_class_hands_the_claim_back() {
+        let none = config(json!({ "nodePathMap": [
+            { "node": NODE, "paths": [] },
+            { "node": "DEFAULT_PATH_FOR_NON_LISTED_NODES", "paths": ["/data"] },
+        ] }));
+        let Err(Refusal::NoPath(note)) = draft_of(&placed_on(NODE), &class(json!({})), &none)
+        else {
+            panic!("a node without base paths provisions");
+        };
+        assert!(note.contains("node node-a"), "{note}");
+        // A nodePath this node does not have leaves nowhere either.
+        let elsewhere = class(json!({ NODE_PATH: "/other" }));
+        assert!(matches!(
+            draft_of(
+                &placed_on(NODE),
+                &elsewhere,
+                &Config::single(Path::new("/data"))
+            ),
+            Err(Refusal::NoPath(_))
+        ));
+    }
 }

@@ -130,7 +130,20 @@ async fn every_dashboard_metric_is_exported_by_agents_at_work() -> Result<()> {
     storage_class(&client, &class, &prov, "Delete", "").await?;
     claim_with_pod(&client, &ns, "data", Some(&class), "1Gi", Some("node-a")).await?;
     wait_bound(&client, &ns, "data").await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The claim binds once the PV is written; the agent counts the provision just after.
+    wait_for(
+        "the provision to be counted",
+        Duration::from_secs(10),
+        || async {
+            let page = agent.metrics()?;
+            Ok(
+                (page.contains("operations_total{operation=\"provision\",result=\"success\"}")
+                    && page.contains("operation_duration_seconds_count{operation=\"provision\"}"))
+                .then_some(()),
+            )
+        },
+    )
+    .await?;
     write_config("node-y")?;
     wait_for(
         "the reload to be counted",

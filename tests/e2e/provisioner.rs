@@ -9,6 +9,7 @@ use anyhow::Result;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::ResourceExt;
+use localship_tests::shipper::metric_value;
 use localship_tests::{apply_yaml, control_plane, wait_for, ProvisionerAgent};
 use serde_json::json;
 
@@ -426,7 +427,7 @@ async fn bad_classes_get_one_clear_event_and_the_agent_serves_the_rest() -> Resu
     let cp = control_plane()?;
     let client = cp.client().await?;
     let ns = cp.namespace("prov-bad").await?;
-    let (a, _b) = two_agents(&ns, &[]).await?;
+    let (a, b) = two_agents(&ns, &[]).await?;
     let prov = provisioner_name(&ns);
     let hostile = format!("{ns}-hostile");
     storage_class(
@@ -491,8 +492,30 @@ volumeBindingMode: Immediate
             .then_some(events))
     })
     .await?;
-    // Two agents saw the claim; the Event is there once.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Two agents saw the claim; the Event is there once. Each agent counts its try at the
+    // Event once that try is over, so the Events are counted after both tried.
+    let immediate = |agent: &ProvisionerAgent, result: &str| -> Result<f64> {
+        let series =
+            format!("localship_provisioner_immediate_binding_claims_total{{result=\"{result}\"}}");
+        Ok(metric_value(&agent.metrics()?, &series).unwrap_or(0.0))
+    };
+    let tried = |agent: &ProvisionerAgent| -> Result<bool> {
+        let results = ["published", "exists", "error"];
+        Ok(results
+            .iter()
+            .map(|r| immediate(agent, r))
+            .sum::<Result<f64>>()?
+            > 0.0)
+    };
+    wait_for("both agents to try the Event", BIND_TIMEOUT, || async {
+        Ok((tried(&a)? && tried(&b)?).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        immediate(&a, "published")? + immediate(&b, "published")?,
+        1.0,
+        "{wffc:?}"
+    );
     let count = claim_events(&client, &ns, "now")
         .await?
         .iter()

@@ -20,6 +20,7 @@ use kube::{Client, Resource, ResourceExt};
 
 use super::finalizer;
 use super::opt_in::{self, Asked, OptIn};
+use super::step::{self, Step};
 use super::volume::Volume;
 use crate::cli::Args;
 use crate::destination::{DestinationUrl, Place};
@@ -236,45 +237,15 @@ impl Context {
 }
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action> {
-    let held = finalizer::holds(&pv);
-    let deleting = pv.meta().deletion_timestamp.is_some();
-    if deleting && !held {
-        return Ok(Action::await_change());
-    }
-    // The provisioner holds a volume for us from its creation when its claim asks; one
-    // not yet shipped from in this process is checked here, and one this shipper must
-    // refuse is let go rather than kept for ever.
-    let started = ctx
+    let shipping = ctx
         .shipping
         .lock()
         .expect("not poisoned")
         .contains_key(&pv.name_any());
-    if !held || !started {
-        match ctx.opt_in(&pv).await? {
-            OptIn::Refused(why) if held => {
-                ctx.refuse(&pv, format!("{why}; released the PV")).await;
-                let api = Api::<PersistentVolume>::all(ctx.client.clone());
-                finalizer::release(&api, &pv).await?;
-                return Ok(Action::await_change());
-            }
-            OptIn::No if !held => return Ok(Action::requeue(OPT_IN_RECHECK)),
-            OptIn::Refused(why) => {
-                ctx.refuse(&pv, why).await;
-                return Ok(Action::requeue(OPT_IN_RECHECK));
-            }
-            OptIn::Yes | OptIn::No => {}
-        }
-    }
-    if deleting {
-        return drain(&pv, &ctx).await;
-    }
-    let volume = match Volume::of(&pv, &ctx.node) {
-        Ok(volume) => volume,
-        Err(why) => {
-            ctx.refuse(&pv, format!("{why}; its logs are not shipped"))
-                .await;
-            return Ok(Action::await_change());
-        }
+    let opt_in = if step::asks_opt_in(&pv, shipping) {
+        Some(ctx.opt_in(&pv).await?)
+    } else {
+        None
     };
     let place = match ctx.place(&volume) {
         Ok(place) => place,
@@ -285,8 +256,27 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         }
     };
     let api = Api::<PersistentVolume>::all(ctx.client.clone());
+    let (volume, hold) = match step::next(&pv, &ctx.node, opt_in) {
+        Step::Ignore => return Ok(Action::await_change()),
+        Step::Recheck => return Ok(Action::requeue(OPT_IN_RECHECK)),
+        Step::Refuse(why) => {
+            ctx.refuse(&pv, why).await;
+            return Ok(Action::requeue(OPT_IN_RECHECK));
+        }
+        Step::RefuseAndRelease(why) => {
+            ctx.refuse(&pv, why).await;
+            finalizer::release(&api, &pv).await?;
+            return Ok(Action::await_change());
+        }
+        Step::Drain => return drain(&pv, &ctx).await,
+        Step::Unusable(why) => {
+            ctx.refuse(&pv, why).await;
+            return Ok(Action::await_change());
+        }
+        Step::Ship { volume, hold } => (volume, hold),
+    };
     // The finalizer before the watch: a volume shipped from is never removed unshipped.
-    if !held && !finalizer::hold(&api, &pv).await? {
+    if hold && !finalizer::hold(&api, &pv).await? {
         return Ok(Action::await_change());
     }
     let already = ctx
@@ -317,7 +307,7 @@ async fn drain(pv: &PersistentVolume, ctx: &Context) -> Result<Action> {
     let volume = Volume::of(pv, &ctx.node).map_err(|why| {
         Error::Volume(format!(
             "{why}; the PV keeps the {} finalizer until that is fixed",
-            super::names::SHIP_LOGS_FINALIZER
+            localship_names::SHIP_LOGS_FINALIZER
         ))
     })?;
     let draining = ctx

@@ -7,9 +7,9 @@
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
+use localship_names::SHIP_LOGS_FINALIZER;
 use serde_json::json;
 
-use super::names::SHIP_LOGS_FINALIZER;
 use crate::{Error, Result};
 
 /// Conflicts in a row before giving up until the next reconcile.

@@ -1,12 +1,12 @@
 //! Kubernetes mode (`--node-name`): the sources are this node's localship volumes that opt
 //! in, found by watching PVs; a deleted volume is held by our finalizer until every log in
-//! it is shipped. `volume` and `opt_in` decide (pure), `finalizer` edits the PV,
-//! `controller` reconciles, and this module wires them beside the pipeline.
+//! it is shipped. `volume`, `opt_in` and `step` decide (pure), `finalizer` edits the
+//! PV, `controller` reconciles, and this module wires them beside the pipeline.
 
 pub mod controller;
 pub mod finalizer;
-pub mod names;
 pub mod opt_in;
+pub mod step;
 pub mod volume;
 
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use kube::api::Api;
 use kube::runtime::controller::{self as runtime, Controller};
 use kube::runtime::watcher;
 use kube::Client;
+use localship_names::NODE_LABEL;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -27,7 +28,6 @@ use crate::metrics::Metrics;
 use crate::pipeline::Refused;
 use crate::{Error, Result};
 use controller::Context;
-use names::NODE_LABEL;
 
 /// How often volumes whose PV vanished behind our back are looked for.
 const VANISHED_EVERY: Duration = Duration::from_secs(60);

@@ -5,8 +5,7 @@ use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
-
-use super::names::{BASE_PATH, HOST_PATH, NODE};
+use localship_names::{BASE_PATH, HOST_PATH, NODE};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Volume {
