@@ -247,14 +247,6 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     } else {
         None
     };
-    let place = match ctx.place(&volume) {
-        Ok(place) => place,
-        Err(why) => {
-            ctx.refuse(&pv, format!("{why}; its logs are not shipped"))
-                .await;
-            return Ok(Action::await_change());
-        }
-    };
     let api = Api::<PersistentVolume>::all(ctx.client.clone());
     let (volume, hold) = match step::next(&pv, &ctx.node, opt_in) {
         Step::Ignore => return Ok(Action::await_change()),
@@ -274,6 +266,14 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
             return Ok(Action::await_change());
         }
         Step::Ship { volume, hold } => (volume, hold),
+    };
+    let place = match ctx.place(&volume) {
+        Ok(place) => place,
+        Err(why) => {
+            ctx.refuse(&pv, format!("{why}; its logs are not shipped"))
+                .await;
+            return Ok(Action::await_change());
+        }
     };
     // The finalizer before the watch: a volume shipped from is never removed unshipped.
     if hold && !finalizer::hold(&api, &pv).await? {
@@ -320,7 +320,7 @@ async fn drain(pv: &PersistentVolume, ctx: &Context) -> Result<Action> {
         let place = ctx.place(&volume).map_err(|why| {
             Error::Volume(format!(
                 "{why}; the PV keeps the {} finalizer until that is fixed",
-                super::names::SHIP_LOGS_FINALIZER
+                localship_names::SHIP_LOGS_FINALIZER
             ))
         })?;
         let mut sources = ctx.sources.lock().await;
