@@ -198,11 +198,6 @@ async fn run(
             n - seen.len()
         );
     }
-    ensure!(
-        seen.len() == n,
-        "{} of {n} logs visible two minutes after they finished ({name})",
-        seen.len()
-    );
     let metrics = shipper.metrics()?;
     let metric = |series: &str| metric_value(&metrics, series).unwrap_or(0.0) as u64;
     let refused = metric(r#"localship_logshipper_skipped_total{reason="key_too_long"}"#);

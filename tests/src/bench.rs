@@ -93,31 +93,6 @@ pub fn process_cpu(pid: u32) -> Result<Duration> {
     Ok(Duration::from_millis(ticks * 10))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_pick_nearest_rank() {
-        let d: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(pct(&d, 50.0), Duration::from_millis(51));
-        assert_eq!(pct(&d, 99.0), Duration::from_millis(99));
-        assert_eq!(pct(&d, 100.0), Duration::from_millis(100));
-        assert_eq!(pct(&d[..1], 99.0), Duration::from_millis(1));
-    }
-
-    #[test]
-    fn reads_own_memory() {
-        let rss = proc_kib(std::process::id(), "VmRSS").unwrap();
-        let peak = proc_kib(std::process::id(), "VmHWM").unwrap();
-        assert!(rss > 0 && peak >= rss, "rss {rss} peak {peak}");
-        assert!(proc_kib(std::process::id(), "NoSuchField").is_err());
-        let spin = Instant::now();
-        while spin.elapsed() < Duration::from_millis(100) {}
-        assert!(process_cpu(std::process::id()).unwrap() >= Duration::from_millis(50));
-    }
-}
-
 /// When each key was first listed.
 pub type FirstListed =
     std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>;
@@ -145,5 +120,30 @@ pub async fn list_every_25ms(
             }
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_nearest_rank() {
+        let d: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(pct(&d, 50.0), Duration::from_millis(51));
+        assert_eq!(pct(&d, 99.0), Duration::from_millis(99));
+        assert_eq!(pct(&d, 100.0), Duration::from_millis(100));
+        assert_eq!(pct(&d[..1], 99.0), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn reads_own_memory() {
+        let rss = proc_kib(std::process::id(), "VmRSS").unwrap();
+        let peak = proc_kib(std::process::id(), "VmHWM").unwrap();
+        assert!(rss > 0 && peak >= rss, "rss {rss} peak {peak}");
+        assert!(proc_kib(std::process::id(), "NoSuchField").is_err());
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(100) {}
+        assert!(process_cpu(std::process::id()).unwrap() >= Duration::from_millis(50));
     }
 }

@@ -85,7 +85,10 @@ mod tests {
                 "annotations": { NODE: "node-a", HOST_PATH: HOST, BASE_PATH: "/data" },
                 "finalizers": finalizers,
             },
-            "spec": { "hostPath": { "path": HOST } },
+            "spec": {
+                "hostPath": { "path": HOST },
+                "claimRef": { "namespace": "airflow", "name": "logs" },
+            },
         }))
         .unwrap()
     }
@@ -111,6 +114,7 @@ mod tests {
             name: "pvc-1".into(),
             host_path: PathBuf::from(HOST),
             base_path: PathBuf::from("/data"),
+            namespace: Some("airflow".into()),
         }
     }
 
