@@ -17,7 +17,7 @@
 //!   then grew) is rewritten without the copy: every byte of it is in the file.
 //!
 //! Every decision reads the object's bytes: a log up to [`COMPARE_LIMIT`]. Larger logs keep
-//! the sole-writer rule of `coexist`.
+//! the sole-writer rule of `existing_object`.
 
 /// Largest file or object compared byte for byte.
 pub const COMPARE_LIMIT: u64 = 16 << 20;

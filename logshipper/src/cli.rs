@@ -9,7 +9,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::destination::s3::MIN_PART_SIZE;
 use crate::destination::DestinationUrl;
-use crate::select::DEFAULT_INCLUDE;
+use crate::filter::DEFAULT_INCLUDE;
 use crate::{Error, Result};
 
 /// Where `/metrics`, `/healthz` and `/readyz` listen in daemon mode unless told otherwise.

@@ -4,7 +4,9 @@
 //! a root's filesystem. Reports [`Event`]s on a channel and knows nothing of what follows.
 
 mod gate;
+mod outbox;
 mod scan;
+mod walk_stack;
 mod warned;
 mod watch;
 
@@ -20,8 +22,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::destination::Place;
+use crate::filter::Filter;
 use crate::local_file::FileStat;
-use crate::select::Filter;
 pub use gate::Gate;
 use scan::Scan;
 
@@ -246,7 +248,7 @@ impl Sources {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::select::DEFAULT_INCLUDE;
+    use crate::filter::DEFAULT_INCLUDE;
     use std::os::unix::ffi::OsStrExt;
 
     const TASK: &str = "dag_id=a/run_id=manual__2024-01-01T00:00:00+00:00/task_id=t/attempt=1.log";

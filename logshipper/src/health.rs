@@ -11,7 +11,6 @@ use crate::destination::Destination;
 use crate::ledger::Health;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
-use crate::ship::Context;
 
 /// Destination checks, retried with backoff until one passes.
 const CHECK_BACKOFF: Backoff = Backoff {
@@ -22,18 +21,18 @@ const CHECK_BACKOFF: Backoff = Backoff {
 /// Keeps `ok` true while the destination answers its check: checks at start and whenever
 /// `recheck` is notified. A new error is logged once; repeats are warnings.
 pub async fn watch_destination<D: Destination>(
-    ctx: Arc<Context<D>>,
+    destination: Arc<D>,
     ok: watch::Sender<bool>,
     recheck: Arc<Notify>,
     metrics: Arc<Metrics>,
 ) {
-    let id = ctx.destination.id().to_owned();
+    let id = destination.id().to_owned();
     let mut first = true;
     loop {
         let mut attempt = 0;
         let mut reported = None;
         loop {
-            match ctx.destination.check().await {
+            match destination.check().await {
                 Ok(()) => {
                     if first || reported.is_some() {
                         tracing::info!(destination = %id, "destination is usable");

@@ -7,7 +7,7 @@
 use std::path::{Component, Path};
 
 /// Suffix of the key a file goes to when the destination already holds different bytes under
-/// its own key (see `coexist`).
+/// its own key (see `existing_object`).
 const CONFLICT_MARK: &str = ".localship-conflict-";
 
 /// Suffix of the side key a log that may still grow goes to beside Airflow's own uploads

@@ -2,6 +2,12 @@
 //! few at a time, retries failures with backoff while everything else goes on, waits while
 //! the destination is away, and keeps the backlog metrics and the `--once` progress line.
 //! A draining source (its volume is being deleted) ships at once and is reported when done.
+//!
+//! Here: the loop, what each event and each finished shipment does, and dispatch. Beside it:
+//! `followed` (the files followed, counted per source), `shares` (each source's share of
+//! them), `turns` (due files taken from the sources in turns), `revisits` (logs under side
+//! keys looked at again), `ledgered` (the ledger read per source), `drain`, `refusals`
+//! (files that will not ship, told once a minute), `seen` and `tally` (the counting).
 
 #[cfg(test)]
 mod alongside_tests;
@@ -9,8 +15,12 @@ mod alongside_tests;
 mod backlog_tests;
 mod drain;
 mod followed;
+mod ledgered;
 mod refusals;
+mod revisits;
 mod seen;
+mod shares;
+mod tally;
 mod turns;
 
 use std::cmp::Reverse;
@@ -23,14 +33,14 @@ use tokio::task::JoinSet;
 
 use crate::destination::Destination;
 use crate::discover::{Event, SkipReason, Source};
-use crate::key::{is_side_key, log_kind};
+use crate::key::is_side_key;
 use crate::local_file::FileStat;
 use crate::metrics::Metrics;
-use crate::report::{progress_line, Summary};
+use crate::report::Summary;
 use crate::retain;
 use crate::retry::Backoff;
 use crate::settle::Observation;
-use crate::ship::{self, Context, How, Job, Outcome};
+use crate::ship::{self, Context, Job, Outcome};
 pub use drain::DrainReport;
 use drain::Drains;
 use followed::{FileId, Followed};
@@ -307,11 +317,7 @@ impl<D: Destination> Pipeline<D> {
                 path,
                 reason,
             } => {
-                self.metrics
-                    .skipped
-                    .with_label_values(&[reason.label()])
-                    .inc();
-                *self.summary.skipped.entry(reason.label()).or_default() += 1;
+                self.count_skipped(reason);
                 let relative = path.strip_prefix(&source.root).unwrap_or(&path);
                 let relative = relative.to_string_lossy();
                 self.refusals.add(&source, &relative, reason.label());
@@ -412,138 +418,10 @@ impl<D: Destination> Pipeline<D> {
         self.hold_if_full(&id.0);
     }
 
-    /// Files one source may have followed at once: an even share of `max_tracked` between
-    /// the sources that have any, so one volume's backlog never crowds out another's.
-    fn share(&self) -> usize {
-        (self.settings.max_tracked / self.entries.sources().max(1)).max(1)
-    }
-
-    /// Holds back discovery of a source at its share.
-    fn hold_if_full(&mut self, source_id: &str) {
-        if self.entries.count(source_id) < self.share() || self.held.contains(source_id) {
-            return;
-        }
-        let Some(source) = self.entries_source(source_id) else {
-            return;
-        };
-        source.gate.close();
-        tracing::info!(source = %source.root.display(), files = self.entries.count(source_id), "backlog is large; finding more files in this source waits until some have shipped");
-        self.held.insert(source_id.to_owned());
-        if !self.backlog_was_full {
-            self.backlog_was_full = true;
-            self.publish_readiness();
-        }
-    }
-
-    /// Lets held sources find files again once they are well under their share.
-    fn release_held(&mut self) {
-        if self.held.is_empty() {
-            return;
-        }
-        let below = self.share() * 3 / 4;
-        let released: Vec<String> = self
-            .held
-            .iter()
-            .filter(|id| self.entries.count(id) <= below)
-            .cloned()
-            .collect();
-        for id in released {
-            self.held.remove(&id);
-            if let Some(source) = self.entries_source(&id) {
-                source.gate.open();
-            }
-        }
-    }
-
-    fn entries_source(&self, source_id: &str) -> Option<Arc<Source>> {
-        self.sources.get(source_id).cloned()
-    }
-
-    /// Follows again the logs under side keys whose time to be looked at has come.
-    fn revisit_due(&mut self) {
-        let now = Instant::now();
-        while let Some(Reverse((at, _))) = self.revisits.peek() {
-            if *at > now {
-                break;
-            }
-            let Some(Reverse((at, id))) = self.revisits.pop() else {
-                break;
-            };
-            let current = self.provisional.get(&id).is_some_and(|p| p.next_at == at);
-            if !current || self.entries.contains_key(&id) {
-                continue;
-            }
-            let provisional = &self.provisional[&id];
-            let (source, obs) = (provisional.source.clone(), provisional.obs);
-            self.follow(id, source, obs, false);
-        }
-    }
-
-    /// A log shipped under its side key is looked at again soon, and finished once final.
-    fn revisit_later(&mut self, id: &FileId, source: Arc<Source>, obs: Observation) {
-        let now = Instant::now();
-        let interval = self
-            .provisional
-            .get(id)
-            .filter(|p| p.obs.stat == obs.stat)
-            .map_or(REVISIT_FIRST, |p| (p.interval * 2).min(REVISIT_CAP));
-        let final_at = obs.settles_at(self.settings.final_after);
-        let next_at = (now + interval).min(final_at.max(now));
-        self.revisits.push(Reverse((next_at, id.clone())));
-        let provisional = Provisional {
-            source,
-            obs,
-            next_at,
-            interval,
-        };
-        self.provisional.insert(id.clone(), provisional);
-    }
-
     /// A file found as the ledger says it was shipped.
     fn unchanged(&mut self, id: &FileId, stat: FileStat) {
         self.settled.insert(&id.0, &id.1, stat);
-        self.summary.unchanged += 1;
-        self.metrics.skipped.with_label_values(&["unchanged"]).inc();
-    }
-
-    /// A drained volume is gone for good: its records go too, once those still queued are
-    /// committed, so the ledger does not grow with every volume a node ever served.
-    fn forget_records(&self, source: Arc<Source>) {
-        let (ledger, recorder) = (self.ctx.ledger.clone(), self.ctx.recorder.clone());
-        tokio::spawn(async move {
-            let _ = recorder.flush().await;
-            let id = source.id.clone();
-            let removed = tokio::task::spawn_blocking(move || ledger.remove_source(&id)).await;
-            match removed {
-                Ok(Ok(files)) => {
-                    tracing::info!(source = %source.root.display(), files, "forgot the records of a drained volume")
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(source = %source.root.display(), error = %e, "cannot forget the records of a drained volume")
-                }
-                Err(_) => {}
-            }
-        });
-    }
-
-    /// Reads what the ledger holds for `source`, off the loop.
-    fn load_ledger(&mut self, source: Arc<Source>) {
-        let ledger = self.ctx.ledger.clone();
-        let destination = self.ctx.destination_id(&source).to_owned();
-        self.loading.spawn_blocking(move || {
-            let mut seen = Seen::new();
-            let read = ledger.each(&source.id, |relative, record| {
-                // A log under its side key is not final: it is looked at again.
-                if record.destination == destination && !is_side_key(&record.key) {
-                    seen.insert(&source.id, relative, record.stat);
-                }
-            });
-            // What was read is still right; the rest is looked up file by file.
-            if let Err(e) = read {
-                tracing::warn!(source = %source.root.display(), error = %e, "cannot read the whole ledger at once; looking files up one by one");
-            }
-            (source.id.clone(), seen)
-        });
+        self.count_unchanged();
     }
 
     /// (Re)computes when a file is due and queues it; older queue entries go stale.
@@ -693,37 +571,10 @@ impl<D: Destination> Pipeline<D> {
         let Some(entry) = self.entries.remove(id) else {
             return false;
         };
-        self.metrics
-            .skipped
-            .with_label_values(&[reason.label()])
-            .inc();
-        *self.summary.skipped.entry(reason.label()).or_default() += 1;
+        self.count_skipped(reason);
         self.settled.insert(&id.0, &id.1, entry.obs.stat);
         self.provisional.remove(id);
         self.refusals.add(&entry.source, &id.1, reason.label())
-    }
-
-    fn count_shipped(&mut self, relative: &str, how: How, size: u64, elapsed: Duration) {
-        let kind = log_kind(relative).label();
-        match how {
-            How::Unchanged | How::SideKept => {
-                self.summary.unchanged += 1;
-                self.metrics.skipped.with_label_values(&["unchanged"]).inc();
-                return;
-            }
-            How::AlreadyThere => self.summary.already_there += 1,
-            How::Uploaded | How::Replaced | How::Conflict | How::Side | How::Repaired => {
-                self.summary.shipped += 1;
-                self.summary.bytes += size;
-                self.metrics.bytes_shipped.inc_by(size);
-                self.metrics.upload_seconds.observe(elapsed.as_secs_f64());
-            }
-        }
-        if how == How::Conflict {
-            self.summary.conflicts += 1;
-            self.metrics.conflicts.inc();
-        }
-        self.metrics.files_shipped.with_label_values(&[kind]).inc();
     }
 
     fn publish_readiness(&self) {
@@ -733,27 +584,6 @@ impl<D: Destination> Pipeline<D> {
         let ready = caught_up && *self.destination_ok.borrow();
         self.ready
             .send_if_modified(|r| std::mem::replace(r, ready) != ready);
-    }
-
-    fn update_backlog(&self) {
-        let now_ns = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64);
-        let bytes: u64 = self.entries.values().map(|e| e.obs.stat.size).sum();
-        let oldest = self.entries.values().map(|e| e.obs.stat.mtime_ns).min();
-        let age = oldest.map_or(0.0, |mtime| (now_ns - mtime).max(0) as f64 / 1e9);
-        self.metrics.backlog_files.set(self.entries.len() as i64);
-        self.metrics.backlog_bytes.set(bytes as i64);
-        self.metrics.oldest_unshipped_age.set(age);
-    }
-
-    fn print_progress(&self) {
-        let done = self.summary.done();
-        let total = done + self.entries.len() as u64;
-        eprintln!(
-            "{}",
-            progress_line(done, total, self.summary.bytes, self.started.elapsed())
-        );
     }
 
     /// Runs retention over every known source, off the loop; yields the files removed.

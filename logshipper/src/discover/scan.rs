@@ -2,7 +2,6 @@
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::fs::FileType;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -14,116 +13,26 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use nix::dir::Type;
 use nix::fcntl::{open, openat, AtFlags, OFlag};
 use nix::sys::inotify::WatchDescriptor;
-use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
+use nix::sys::stat::{fstat, fstatat, Mode};
 
+use super::outbox::Outbox;
+use super::walk_stack::{Dir, Kind, Shared, Stack};
 use super::warned::Warned;
 use super::watch::{Change, Watch, Watches};
 use super::{Event, SkipReason, Source};
+use crate::filter::Filter;
 use crate::key::{relative_key, KeyError};
 use crate::local_file::FileStat;
-use crate::select::Filter;
 
 /// Changes are gathered this long before being looked at: a log being written reports every
 /// line, and one look per burst is enough.
 const DEBOUNCE: Duration = Duration::from_millis(250);
 
-/// Events sent together.
-const BURST: usize = 64;
-
 /// Threads for a first walk, more than most nodes' cores: a thread whose directory block is
 /// not in memory waits for the disk, and the others keep the cores busy meanwhile.
 const WALKERS: usize = 8;
-
-/// A directory waiting to be listed.
-struct Dir {
-    path: PathBuf,
-    /// The directory it was found in, still open, so that it is opened by its one name
-    /// there rather than by its whole path. `None` where a walk starts.
-    parent: Option<Arc<OwnedFd>>,
-    /// The watch of the directory it is in; `None` at the root or if that one is unwatched.
-    parent_wd: Option<WatchDescriptor>,
-}
-
-/// A file's kind, as the listing (or a stat, where the listing does not say) gives it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    File,
-    Dir,
-    Symlink,
-    Other,
-}
-
-impl Kind {
-    fn of_mode(mode: u32) -> Self {
-        match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
-            SFlag::S_IFREG => Kind::File,
-            SFlag::S_IFDIR => Kind::Dir,
-            SFlag::S_IFLNK => Kind::Symlink,
-            _ => Kind::Other,
-        }
-    }
-
-    fn of_type(file_type: FileType) -> Self {
-        if file_type.is_file() {
-            Kind::File
-        } else if file_type.is_dir() {
-            Kind::Dir
-        } else if file_type.is_symlink() {
-            Kind::Symlink
-        } else {
-            Kind::Other
-        }
-    }
-
-    fn listed(file_type: Option<Type>) -> Option<Self> {
-        Some(match file_type? {
-            Type::File => Kind::File,
-            Type::Directory => Kind::Dir,
-            Type::Symlink => Kind::Symlink,
-            _ => Kind::Other,
-        })
-    }
-}
-
-/// Directories handed over between walking threads.
-struct Stack {
-    dirs: Vec<Dir>,
-    /// Threads that have work, or may hand some over.
-    busy: usize,
-}
-
-/// The stack walking threads share, and a way to wait for it.
-struct Shared {
-    stack: Mutex<Stack>,
-    more: Condvar,
-    /// Threads waiting for work.
-    idle: AtomicUsize,
-}
-
-impl Shared {
-    /// Takes a handed-over directory, waiting while other threads may still hand one over;
-    /// `None` once every thread is out of work.
-    fn wait_for_work(&self) -> Option<Dir> {
-        let mut stack = self.stack.lock().expect("not poisoned");
-        stack.busy -= 1;
-        loop {
-            if let Some(dir) = stack.dirs.pop() {
-                stack.busy += 1;
-                return Some(dir);
-            }
-            if stack.busy == 0 {
-                self.more.notify_all();
-                return None;
-            }
-            self.idle.fetch_add(1, Ordering::Relaxed);
-            stack = self.more.wait(stack).expect("not poisoned");
-            self.idle.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
 
 /// What a walk covers.
 enum Walk {
@@ -506,49 +415,6 @@ impl Scan {
     }
 }
 
-/// Events from one thread on their way to the pipeline. They go in bursts, so the pipeline
-/// is woken once per burst rather than once per file (a sixth of a walk's time went to
-/// wake-ups); what is left goes when the outbox is dropped, at the end of a walk or look.
-struct Outbox<'a> {
-    scan: &'a Scan,
-    queued: Vec<Event>,
-}
-
-impl<'a> Outbox<'a> {
-    fn new(scan: &'a Scan) -> Self {
-        Self {
-            scan,
-            queued: Vec::new(),
-        }
-    }
-
-    fn send(&mut self, event: Event) {
-        self.queued.push(event);
-        if self.queued.len() >= BURST {
-            self.flush();
-        }
-    }
-
-    /// Called from blocking threads only; waits while the pipeline holds this source back.
-    fn flush(&mut self) {
-        if !self.queued.is_empty() {
-            self.scan.source.gate.wait_open();
-        }
-        for event in self.queued.drain(..) {
-            if self.scan.source.removed.load(Ordering::SeqCst) {
-                break;
-            }
-            let _ = self.scan.events.blocking_send(event);
-        }
-    }
-}
-
-impl Drop for Outbox<'_> {
-    fn drop(&mut self) {
-        self.flush();
-    }
-}
-
 /// The next changes the watch saw; never, without a watch.
 async fn next_changes(watch: &mut Option<Watch>) -> io::Result<Vec<Change>> {
     match watch {
@@ -560,7 +426,7 @@ async fn next_changes(watch: &mut Option<Watch>) -> io::Result<Vec<Change>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::select::DEFAULT_INCLUDE;
+    use crate::filter::DEFAULT_INCLUDE;
 
     /// A scan of `root` for Airflow's logs, and where its events go.
     fn scan_of(root: &Path) -> (Scan, mpsc::Receiver<Event>) {

@@ -22,7 +22,6 @@ use super::finalizer;
 use super::opt_in::{self, Asked, OptIn};
 use super::step::{self, Step};
 use super::volume::Volume;
-use crate::cli::Args;
 use crate::destination::{DestinationUrl, Place};
 use crate::discover::{Source, Sources};
 use crate::metrics::Metrics;
@@ -62,22 +61,21 @@ pub struct Context {
 impl Context {
     pub fn new(
         client: Client,
-        args: &Args,
-        node: &str,
+        settings: &super::Settings,
         sources: Sources,
         store: Store<PersistentVolume>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let reporter = Reporter {
             controller: "localship-logshipper".into(),
-            instance: Some(node.to_owned()),
+            instance: Some(settings.node.clone()),
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            node: node.to_owned(),
-            annotation: args.opt_in_annotation.clone(),
-            dest: args.dest.clone(),
+            node: settings.node.clone(),
+            annotation: settings.annotation.clone(),
+            dest: settings.dest.clone(),
             sources: tokio::sync::Mutex::new(sources),
             shipping: Mutex::new(HashMap::new()),
             drained: Mutex::new(Vec::new()),

@@ -22,7 +22,7 @@ use localship_names::NODE_LABEL;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::cli::Args;
+use crate::destination::DestinationUrl;
 use crate::discover::{Source, Sources};
 use crate::metrics::Metrics;
 use crate::pipeline::Refused;
@@ -40,12 +40,22 @@ pub struct FromPipeline {
     pub refused: mpsc::UnboundedReceiver<Refused>,
 }
 
+/// What Kubernetes mode is told at start.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This node: only its volumes are shipped.
+    pub node: String,
+    /// The annotation a claim, PV or class opts in with (`--opt-in-annotation`).
+    pub annotation: String,
+    /// Where logs go (`--dest`), `{namespace}` filled in per volume.
+    pub dest: DestinationUrl,
+}
+
 /// Starts watching `node`'s PVs until `stop`, adding and draining `sources` as volumes come
 /// and go. `told` hears from the pipeline; `synced` turns true once every PV of the node is
 /// known.
 pub async fn watch_volumes(
-    args: &Args,
-    node: &str,
+    settings: &Settings,
     sources: Sources,
     told: FromPipeline,
     metrics: Arc<Metrics>,
@@ -53,6 +63,7 @@ pub async fn watch_volumes(
     stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
     let client = Client::try_default().await.map_err(Error::KubeClient)?;
+    let node = settings.node.as_str();
     let selector = format!("{NODE_LABEL}={node}");
     let stopping = {
         let mut stop = stop.clone();
@@ -73,13 +84,12 @@ pub async fn watch_volumes(
     let store = volumes.store();
     let ctx = Arc::new(Context::new(
         client,
-        args,
-        node,
+        settings,
         sources,
         store.clone(),
         metrics,
     ));
-    tracing::info!(node, annotation = %args.opt_in_annotation, dest = %args.dest, "Kubernetes mode: shipping this node's opted-in volumes");
+    tracing::info!(node, annotation = %settings.annotation, dest = %settings.dest, "Kubernetes mode: shipping this node's opted-in volumes");
 
     let run = volumes
         .run(controller::reconcile, controller::error_policy, ctx.clone())

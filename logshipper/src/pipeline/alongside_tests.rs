@@ -9,11 +9,11 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::destination::file::FileDestination;
 use crate::discover::{Source, Sources};
+use crate::filter::{Filter, DEFAULT_INCLUDE};
 use crate::key::{side_key, writer_id};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Settings};
-use crate::select::{Filter, DEFAULT_INCLUDE};
 use crate::ship::{Alongside, Context};
 
 const TASK: &str = "dag_id=a/run_id=manual__2024-01-01T00:00:00+00:00/task_id=t/attempt=1.log";
@@ -35,7 +35,7 @@ async fn start(final_after: Duration) -> Running {
     std::fs::create_dir_all(&logs).unwrap();
     let ledger = Ledger::open(&dir.path().join("ledger.redb")).unwrap();
     let ctx = Arc::new(Context {
-        destination: FileDestination::new(&out).unwrap(),
+        destination: Arc::new(FileDestination::new(&out).unwrap()),
         recorder: ledger.recorder(),
         ledger,
         alongside: Some(Alongside {

@@ -7,10 +7,10 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::destination::file::FileDestination;
 use crate::discover::Sources;
+use crate::filter::{Filter, DEFAULT_INCLUDE};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Settings};
-use crate::select::{Filter, DEFAULT_INCLUDE};
 use crate::ship::Context;
 
 #[tokio::test]
@@ -25,7 +25,7 @@ async fn a_backlog_ten_times_the_cap_ships_whole_and_the_daemon_is_ready_meanwhi
     }
     let ledger = Ledger::open(&dir.path().join("ledger.redb")).unwrap();
     let ctx = Arc::new(Context {
-        destination: FileDestination::new(&out).unwrap(),
+        destination: Arc::new(FileDestination::new(&out).unwrap()),
         recorder: ledger.recorder(),
         ledger,
         alongside: None,

@@ -60,10 +60,10 @@ mod tests {
 
     use crate::destination::file::FileDestination;
     use crate::discover::Sources;
+    use crate::filter::{Filter, DEFAULT_INCLUDE};
     use crate::ledger::Ledger;
     use crate::metrics::Metrics;
     use crate::pipeline::{Pipeline, Settings};
-    use crate::select::{Filter, DEFAULT_INCLUDE};
     use crate::ship::Context;
 
     const TASK: &str = "dag_id=a/run_id=manual__2024-01-01T00:00:00+00:00/task_id=t/attempt=1.log";
@@ -83,7 +83,7 @@ mod tests {
         let recorder = ledger.recorder();
         let records = ledger.clone();
         let ctx = Arc::new(Context {
-            destination: FileDestination::new(&out).unwrap(),
+            destination: Arc::new(FileDestination::new(&out).unwrap()),
             recorder: recorder.clone(),
             ledger,
             alongside: None,
