@@ -16,6 +16,7 @@ pub mod destination;
 pub mod discover;
 mod error;
 pub mod existing_object;
+pub mod file_hash;
 pub mod filter;
 pub mod health;
 pub mod http;

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::discover::Source;
+use crate::file_hash::sha256_prefix;
 use crate::key::is_side_key;
 use crate::ledger::{Ledger, Record};
-use crate::local_file::{open_beneath, remove_beneath, sha256_prefix, FileStat, OpenError};
+use crate::local_file::{open_beneath, remove_beneath, FileStat, OpenError};
 use crate::{Error, Result};
 
 /// Whether the ledger says a file that looks like `stat` may go: shipped as these very bytes

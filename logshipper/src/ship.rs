@@ -12,9 +12,10 @@ use std::sync::Arc;
 use crate::destination::{Destination, DestinationError, LocalContent, ObjectInfo, WhileHashing};
 use crate::discover::{SkipReason, Source};
 use crate::existing_object::{self, prefix_check, Content, Plan, PrefixCheck, Relation};
+use crate::file_hash::{hash_for_upload, sha256_prefix};
 use crate::key::{fits, is_side_key, object_key};
 use crate::ledger::{now_ms, Ledger, Record, Recorder};
-use crate::local_file::{hash_for_upload, open_beneath, sha256_prefix, FileStat, OpenError};
+use crate::local_file::{open_beneath, FileStat, OpenError};
 use crate::{Error, Result};
 
 /// What shipping needs, shared by all shipments.

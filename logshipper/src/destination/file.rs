@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use bytes::Bytes;
 
 use super::{Destination, DestinationError, Fetched, LocalContent, ObjectInfo, Precondition};
-use crate::local_file::{copy_prefix, sha256_prefix};
+use crate::file_hash::{copy_prefix, sha256_prefix};
 
 /// Mode of shipped files: readable by whoever reads the archive.
 const OBJECT_MODE: u32 = 0o644;

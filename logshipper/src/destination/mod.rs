@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::local_file::{Extra, Parts};
+use crate::file_hash::{Extra, Parts};
 
 pub use url::{DestinationUrl, Place, UrlError};
 

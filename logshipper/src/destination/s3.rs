@@ -34,7 +34,7 @@ use super::{
     Destination, DestinationError, Fetched, LocalContent, ObjectInfo, Precondition, WhileHashing,
     SHA256_METADATA,
 };
-use crate::local_file::read_at;
+use crate::file_hash::read_at;
 
 /// Smallest part S3 accepts (but for the last).
 pub const MIN_PART_SIZE: u64 = 5 << 20;

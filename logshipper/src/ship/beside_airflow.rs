@@ -9,9 +9,10 @@ use crate::alongside::{self, Decision, COMPARE_LIMIT};
 use crate::destination::{
     Destination, DestinationError, Fetched, LocalContent, ObjectInfo, Precondition,
 };
+use crate::file_hash::read_at;
 use crate::key::{is_side_key, object_key, side_key, writer_id};
 use crate::ledger::Record;
-use crate::local_file::{read_at, FileStat};
+use crate::local_file::FileStat;
 use crate::{Error, Result};
 
 /// How often a write that lost a race with Airflow's own upload looks again.

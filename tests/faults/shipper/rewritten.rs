@@ -12,7 +12,8 @@ use localship_logshipper::destination::s3::{S3Destination, S3Settings};
 use localship_logshipper::destination::{
     Destination, DestinationError, LocalContent, WhileHashing,
 };
-use localship_logshipper::local_file::{hash_for_upload, open_beneath};
+use localship_logshipper::file_hash::hash_for_upload;
+use localship_logshipper::local_file::open_beneath;
 use localship_tests::{scratch_dir, Minio};
 use sha2::{Digest, Sha256};
 

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 
 use super::{base64, blocking_read, read_error, S3Destination, MIN_PART_SIZE};
 use crate::destination::{DestinationError, LocalContent, ObjectInfo, SHA256_METADATA};
-use crate::local_file::{hash_for_upload, hash_in_parts, Extra, Parts};
+use crate::file_hash::{hash_for_upload, hash_in_parts, Extra, Parts};
 
 /// Most parts S3 accepts in one multipart upload.
 const MAX_PARTS: u64 = 10_000;
