@@ -1,4 +1,5 @@
-//! `/metrics`, `/healthz` and `/readyz`.
+//! `/metrics`, `/livez`, `/healthz` and `/readyz`. Liveness is only that the process
+//! answers: a full disk fails `/healthz`, and a restart would not make room.
 //!
 //! Healthy means shipped files can be recorded in the ledger: while its commits fail (a full
 //! disk) the files still ship, but retention stops and a restart checks them all again, which
@@ -39,6 +40,7 @@ pub fn router(
 ) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
+        .route("/livez", get(|| async { "ok\n" }))
         .route("/healthz", get(health))
         .route("/readyz", get(readiness))
         .with_state(Served {
@@ -57,7 +59,7 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Listen { addr, source })?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tracing::info!(%addr, "serving /metrics, /livez, /healthz and /readyz");
     Ok(async move {
         if let Err(e) = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
@@ -137,6 +139,7 @@ mod tests {
             .send_modify(|h| h.unwritable = Some("No space left on device (os error 28)".into()));
         let unhealthy = get(addr, "/healthz").await;
         assert!(unhealthy.starts_with("HTTP/1.1 503"), "{unhealthy}");
+        assert!(get(addr, "/livez").await.starts_with("HTTP/1.1 200"));
         assert!(
             unhealthy.ends_with(
                 "\r\n\r\nledger: cannot write records: No space left on device (os error 28)\n"

@@ -109,7 +109,7 @@ impl ShipperAgent {
         &self.dir
     }
 
-    /// The daemon's metrics port (`/metrics`, `/healthz`, `/readyz`).
+    /// The daemon's metrics port (`/metrics`, `/livez`, `/healthz`, `/readyz`).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -130,10 +130,10 @@ impl ShipperAgent {
         Ok(())
     }
 
-    /// Starts the daemon and waits until it is alive (/healthz), ready or not.
+    /// Starts the daemon and waits until it is alive (/livez), ready or not.
     pub async fn start_alive(&mut self) -> Result<()> {
         self.spawn()?;
-        self.wait_endpoint("/healthz", "alive").await
+        self.wait_endpoint("/livez", "alive").await
     }
 
     /// Starts the daemon (again, on the same ledger) and waits for /readyz.
