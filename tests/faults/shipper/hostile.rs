@@ -52,8 +52,102 @@ pub async fn run() -> Result<Tally> {
     per_namespace_without_kubernetes(&minio, &mut rows).await?;
     long_name_to_a_folder(&minio, &mut rows).await?;
     beyond_the_watch_cap(&minio, &mut rows).await?;
+    hostile_neighbour(&minio, &mut rows).await?;
     super::rewritten::run(&minio, &mut rows).await?;
     Ok(rows.0)
+}
+
+/// A volume whose 10,050 logs never settle (touched over and over) and 2,000 more that can
+/// never ship (keys too long), beside a volume with one new log: that log ships while the
+/// hostile volume still holds its share of the files followed. Before, they filled the one
+/// shared backlog and the new log was not even found.
+async fn hostile_neighbour(minio: &Minio, rows: &mut Rows) -> Result<()> {
+    let hostile = scratch_dir("hostile-neighbour")?;
+    let good = scratch_dir("good-neighbour")?;
+    let long_dir = hostile.join(format!(
+        "dag_id={}/run_id={}/task_id={}/{}/{}",
+        "a".repeat(240),
+        "b".repeat(240),
+        "c".repeat(240),
+        "d".repeat(250),
+        "e".repeat(250)
+    ));
+    std::fs::create_dir_all(&long_dir)?;
+    for i in 0..2_000 {
+        std::fs::write(long_dir.join(format!("attempt={i}.log")), b"x\n")?;
+    }
+    let hostile_arg = format!("--source={}", hostile.display());
+    let mut shipper = ShipperAgent::standalone(
+        minio,
+        &good,
+        &format!("s3://{BUCKET}/neighbour"),
+        &["--settle=1s", &hostile_arg],
+    )?;
+    shipper.start().await?;
+    let refused = |shipper: &ShipperAgent| -> Result<f64> {
+        Ok(shipper
+            .metric(r#"localship_logshipper_skipped_total{reason="key_too_long"}"#)?
+            .unwrap_or(0.0))
+    };
+    // The unshippable ones first, each tried and refused; then the restless ones.
+    let _ = wait_for("2,000 refusals", Duration::from_secs(60), || async {
+        Ok((refused(&shipper)? >= 2_000.0).then_some(()))
+    })
+    .await;
+    let restless_dir = hostile.join("dag_id=restless/run_id=r/task_id=t");
+    std::fs::create_dir_all(&restless_dir)?;
+    let restless: Vec<std::path::PathBuf> = (0..10_050)
+        .map(|i| restless_dir.join(format!("attempt={i}.log")))
+        .collect();
+    for path in &restless {
+        std::fs::write(path, b"x\n")?;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let toucher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for path in &restless {
+                    if let Ok(file) = std::fs::File::options().write(true).open(path) {
+                        let _ = file.set_modified(std::time::SystemTime::now());
+                    }
+                }
+            }
+        })
+    };
+    let followed = |shipper: &ShipperAgent| -> Result<f64> {
+        Ok(shipper
+            .metric("localship_logshipper_backlog_files")?
+            .unwrap_or(0.0))
+    };
+    let full = wait_for(
+        "the hostile volume to fill its share",
+        Duration::from_secs(60),
+        || async { Ok((followed(&shipper)? >= 5_000.0).then_some(())) },
+    )
+    .await;
+    let relative = format!("{RUN}/task_id=neighbour/attempt=1.log");
+    write_log(&good, &relative, b"a log beside a hostile volume\n")?;
+    let key = format!("neighbour/{relative}");
+    let shipped = wait_for("the neighbour's log", Duration::from_secs(30), || async {
+        minio.get_object(BUCKET, &key).await
+    })
+    .await;
+    let still_followed = followed(&shipper)?;
+    let too_long = refused(&shipper)?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = toucher.join();
+    shipper.check_running()?;
+    shipper.stop(Duration::from_secs(10));
+    rows.row(
+        "a volume of 10,050 restless and 2,000 unshippable logs beside another",
+        full.is_ok() && shipped.is_ok() && still_followed >= 5_000.0 && too_long == 2_000.0,
+        &format!(
+            "the other volume's log shipped: {}, while {still_followed} hostile files were followed; {too_long} refused for good, once each",
+            shipped.is_ok()
+        ),
+    );
+    Ok(())
 }
 
 /// A log whose name is as long as the filesystem allows, shipped to a `file://` archive,
