@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{ensure, Result};
 use localship_tests::bench::{env_or, list_every_25ms, mib, pct, FirstListed};
-use localship_tests::shipper::metric_value;
+use localship_tests::shipper::{folder_over_the_key_limit, metric_value};
 use localship_tests::{scratch_dir, Minio, ShipperAgent};
 
 const BUCKET: &str = "hostile";
@@ -224,14 +224,7 @@ async fn run(
 
 /// `files` logs whose keys are too long for S3.
 fn write_too_long(root: &Path, files: usize) -> Result<()> {
-    let dir = root.join(format!(
-        "dag_id={}/run_id={}/task_id={}/{}/{}",
-        "a".repeat(240),
-        "b".repeat(240),
-        "c".repeat(240),
-        "d".repeat(250),
-        "e".repeat(250)
-    ));
+    let dir = root.join(folder_over_the_key_limit());
     std::fs::create_dir_all(&dir)?;
     for i in 0..files {
         std::fs::write(dir.join(format!("attempt={i}.log")), b"x\n")?;

@@ -23,9 +23,7 @@ async fn volumes_of_a_deleted_node_are_let_go_after_the_grace_period() -> Result
     let cp = control_plane()?;
     let client = cp.client().await?;
     let ns = cp.namespace("node-gone").await?;
-    let node = format!("{ns}-node");
-    let taint = json!([{ "key": TEST_NODE_TAINT, "value": ns, "effect": "NoSchedule" }]);
-    cp.register_node(&node, json!({}), taint).await?;
+    let node = cp.register_own_node(&ns).await?;
     let prov = provisioner_name(&ns);
     let mut agent = ProvisionerAgent::start(cp, &node, &prov, &[]).await?;
     let class = format!("{ns}-local");

@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::Api;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
+use localship_tests::shipper::folder_over_the_key_limit;
 use localship_tests::{apply_yaml, control_plane, wait_for, Minio, ProvisionerAgent, ShipperAgent};
 
 use crate::common::*;
@@ -307,11 +308,7 @@ async fn logs_that_cannot_ship_are_told_on_the_claim_and_do_not_hold_the_drain()
     let minio = Minio::start().await?;
     minio.create_bucket("airflow").await?;
     // A node of this test's own: no other test's shipper drains its volume.
-    let node = format!("{ns}-node");
-    let taint =
-        serde_json::json!([{ "key": TEST_NODE_TAINT, "value": ns, "effect": "NoSchedule" }]);
-    cp.register_node(&node, serde_json::json!({}), taint)
-        .await?;
+    let node = cp.register_own_node(&ns).await?;
     let _agent = ProvisionerAgent::start(cp, &node, &provisioner_name(&ns), &[]).await?;
     let mut shipper = ShipperAgent::kubernetes(cp, &node, &minio, DEST, &[]).await?;
     shipper.start().await?;
@@ -324,14 +321,7 @@ async fn logs_that_cannot_ship_are_told_on_the_claim_and_do_not_hold_the_drain()
         .wait_metric("localship_logshipper_volumes_watched 1")
         .await?;
     let dir = PathBuf::from(host_path(&pv));
-    let long = format!(
-        "dag_id={}/run_id={}/task_id={}/{}/{}/attempt=1.log",
-        "a".repeat(240),
-        "b".repeat(240),
-        "c".repeat(240),
-        "d".repeat(250),
-        "e".repeat(250)
-    );
+    let long = format!("{}/attempt=1.log", folder_over_the_key_limit());
     write(&dir, &long, b"a log whose key is too long\n")?;
     let sparse = format!("{RUN}/task_id=holes/attempt=1.log");
     write(&dir, &sparse, b"")?;
@@ -397,11 +387,7 @@ async fn the_readmes_release_lets_go_of_volumes_held_when_shipping_is_off() -> R
     let client = cp.client().await?;
     let ns = cp.namespace("ship-off").await?;
     // A node of this test's own, so the release touches no other test's volumes.
-    let node = format!("{ns}-node");
-    let taint =
-        serde_json::json!([{ "key": TEST_NODE_TAINT, "value": ns, "effect": "NoSchedule" }]);
-    cp.register_node(&node, serde_json::json!({}), taint)
-        .await?;
+    let node = cp.register_own_node(&ns).await?;
     let _agent = ProvisionerAgent::start(cp, &node, &provisioner_name(&ns), &[]).await?;
     let class = format!("{ns}-logs");
     storage_class(&client, &class, &provisioner_name(&ns), "Delete", "").await?;

@@ -26,11 +26,7 @@ async fn each_namespace_ships_under_its_own_prefix_and_no_other() -> Result<()> 
     let team_a = cp.namespace("tenant-a").await?;
     let team_b = cp.namespace("tenant-b").await?;
     // A node of this test's own: no other test's shipper sees these volumes.
-    let node = format!("{team_a}-node");
-    let taint =
-        serde_json::json!([{ "key": TEST_NODE_TAINT, "value": team_a, "effect": "NoSchedule" }]);
-    cp.register_node(&node, serde_json::json!({}), taint)
-        .await?;
+    let node = cp.register_own_node(&team_a).await?;
     let minio = Minio::start().await?;
     minio.create_bucket("airflow").await?;
     let prov = provisioner_name(&team_a);

@@ -356,6 +356,15 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Registers `<owner>-node`, tainted so only `owner`'s pods go there, and returns its
+    /// name: a node of one test's own, whose agents see no other test's volumes.
+    pub async fn register_own_node(&self, owner: &str) -> Result<String> {
+        let node = format!("{owner}-node");
+        let taint = json!([{ "key": crate::claims::TEST_NODE_TAINT, "value": owner, "effect": "NoSchedule" }]);
+        self.register_node(&node, json!({}), taint).await?;
+        Ok(node)
+    }
+
     /// Registers a Ready Node the scheduler can place pods on, with extra
     /// `labels` (a JSON object) and `taints` (a JSON list, or null for none).
     pub async fn register_node(

@@ -271,3 +271,16 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
             .ok()
     })
 }
+
+/// A task-log folder, as Airflow lays them out, whose logs' object keys pass S3's limit of
+/// 1,024 bytes (five names of 240–250 bytes; each within the 255 a filesystem allows).
+pub fn folder_over_the_key_limit() -> String {
+    format!(
+        "dag_id={}/run_id={}/task_id={}/{}/{}",
+        "a".repeat(240),
+        "b".repeat(240),
+        "c".repeat(240),
+        "d".repeat(250),
+        "e".repeat(250)
+    )
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use localship_tests::process::free_port;
+use localship_tests::shipper::folder_over_the_key_limit;
 use localship_tests::{scratch_dir, wait_for, Minio, ShipperAgent};
 
 use super::{compare_bucket, dest, key, write_log, Logs, BUCKET};
@@ -64,14 +65,7 @@ pub async fn run() -> Result<Tally> {
 async fn hostile_neighbour(minio: &Minio, rows: &mut Rows) -> Result<()> {
     let hostile = scratch_dir("hostile-neighbour")?;
     let good = scratch_dir("good-neighbour")?;
-    let long_dir = hostile.join(format!(
-        "dag_id={}/run_id={}/task_id={}/{}/{}",
-        "a".repeat(240),
-        "b".repeat(240),
-        "c".repeat(240),
-        "d".repeat(250),
-        "e".repeat(250)
-    ));
+    let long_dir = hostile.join(folder_over_the_key_limit());
     std::fs::create_dir_all(&long_dir)?;
     for i in 0..2_000 {
         std::fs::write(long_dir.join(format!("attempt={i}.log")), b"x\n")?;
@@ -260,14 +254,7 @@ async fn files(minio: &Minio, rows: &mut Rows) -> Result<()> {
         .open(source.join(&sparse))?
         .set_len(4 << 40)?;
     // An object key over S3's 1,024 bytes: refused before any upload, never retried.
-    let long = format!(
-        "dag_id={}/run_id={}/task_id={}/{}/{}/attempt=1.log",
-        "a".repeat(240),
-        "b".repeat(240),
-        "c".repeat(240),
-        "d".repeat(250),
-        "e".repeat(250)
-    );
+    let long = format!("{}/attempt=1.log", folder_over_the_key_limit());
     write_log(&source, &long, b"a log with a key too long\n")?;
     // Still being written: appended every 200ms for 4s, with --settle=1s.
     let growing = format!("{RUN}/task_id=growing/attempt=1.log");
