@@ -24,7 +24,7 @@ mod tally;
 mod turns;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -128,8 +128,9 @@ pub struct Pipeline<D> {
     due: Turns,
     /// Uploads under way, per source.
     in_flight: HashMap<String, usize>,
-    /// Sources whose discovery waits until enough of their followed files have shipped.
-    held: HashSet<String>,
+    /// Sources whose discovery waits until enough of their followed files have shipped, by
+    /// id: the very source whose gate was closed, to open it again.
+    held: HashMap<String, Arc<Source>>,
     /// Files shipped or skipped, as they looked then: the same sighting again needs nothing.
     settled: Seen,
     /// Per source, during its first walk: what the ledger says was shipped to this
@@ -176,7 +177,7 @@ impl<D: Destination> Pipeline<D> {
             entries: Followed::new(),
             due: Turns::default(),
             in_flight: HashMap::new(),
-            held: HashSet::new(),
+            held: HashMap::new(),
             settled: Seen::new(),
             ledgered: HashMap::new(),
             loading: JoinSet::new(),
@@ -406,7 +407,7 @@ impl<D: Destination> Pipeline<D> {
     fn follow(&mut self, id: FileId, source: Arc<Source>, obs: Observation, drain: bool) {
         let entry = Entry {
             drain,
-            source,
+            source: source.clone(),
             obs,
             generation: 0,
             in_flight: false,
@@ -415,7 +416,7 @@ impl<D: Destination> Pipeline<D> {
         };
         self.entries.insert(id.clone(), entry);
         self.schedule(&id);
-        self.hold_if_full(&id.0);
+        self.hold_if_full(&source);
     }
 
     /// A file found as the ledger says it was shipped.

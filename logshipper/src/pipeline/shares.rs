@@ -15,16 +15,14 @@ impl<D: Destination> Pipeline<D> {
     }
 
     /// Holds back discovery of a source at its share.
-    pub(super) fn hold_if_full(&mut self, source_id: &str) {
-        if self.entries.count(source_id) < self.share() || self.held.contains(source_id) {
+    pub(super) fn hold_if_full(&mut self, source: &Arc<Source>) {
+        let files = self.entries.count(&source.id);
+        if files < self.share() || self.held.contains_key(&source.id) {
             return;
         }
-        let Some(source) = self.entries_source(source_id) else {
-            return;
-        };
         source.gate.close();
-        tracing::info!(source = %source.root.display(), files = self.entries.count(source_id), "backlog is large; finding more files in this source waits until some have shipped");
-        self.held.insert(source_id.to_owned());
+        tracing::info!(source = %source.root.display(), files, "backlog is large; finding more files in this source waits until some have shipped");
+        self.held.insert(source.id.clone(), source.clone());
         if !self.backlog_was_full {
             self.backlog_was_full = true;
             self.publish_readiness();
@@ -37,21 +35,13 @@ impl<D: Destination> Pipeline<D> {
             return;
         }
         let below = self.share() * 3 / 4;
-        let released: Vec<String> = self
-            .held
-            .iter()
-            .filter(|id| self.entries.count(id) <= below)
-            .cloned()
-            .collect();
-        for id in released {
-            self.held.remove(&id);
-            if let Some(source) = self.entries_source(&id) {
+        let entries = &self.entries;
+        self.held.retain(|id, source| {
+            let keep = entries.count(id) > below;
+            if !keep {
                 source.gate.open();
             }
-        }
-    }
-
-    fn entries_source(&self, source_id: &str) -> Option<Arc<Source>> {
-        self.sources.get(source_id).cloned()
+            keep
+        });
     }
 }
