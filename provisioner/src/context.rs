@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::Client;
+use localship_events::{EventType, Events};
 
 use crate::cli::Args;
 use crate::config::Config;
@@ -21,7 +21,7 @@ pub struct Context {
     pub names: Vec<String>,
     pub config: SharedConfig,
     pub classes: Store<StorageClass>,
-    pub recorder: Recorder,
+    pub events: Events,
     pub metrics: Metrics,
     pub dir_mode: u32,
     pub reserve: u64,
@@ -36,18 +36,18 @@ impl Context {
         classes: Store<StorageClass>,
         metrics: Metrics,
     ) -> Self {
-        let reporter = Reporter {
-            controller: "localship-provisioner".into(),
-            instance: Some(args.node_name.clone()),
-        };
-        let recorder = Recorder::new(client.clone(), reporter);
+        let events = Events::new(
+            client.clone(),
+            "localship-provisioner",
+            Some(args.node_name.clone()),
+        );
         Self {
             client,
             node: args.node_name.clone(),
             names: args.names(),
             config,
             classes,
-            recorder,
+            events,
             metrics,
             dir_mode: args.dir_mode,
             reserve: args.reserve,
@@ -64,32 +64,13 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(truncate(note, 1000)),
-            action: action.into(),
-            secondary: None,
+        let type_ = if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
         };
-        if let Err(e) = self.recorder.publish(&event, on).await {
-            tracing::warn!(error = %e, reason, "could not publish Event");
-        }
+        self.events.publish(on, type_, reason, action, note).await;
     }
-}
-
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
 }
 
 /// The config in force, swapped whole on reload.

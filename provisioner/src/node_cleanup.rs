@@ -9,13 +9,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
+use localship_events::{EventType, Events};
 use serde_json::json;
 
 use crate::annotations::{CLEANUP_FINALIZER, NODE_LABEL, SHIP_LOGS_FINALIZER};
@@ -83,7 +83,7 @@ pub fn without_ours(finalizers: &[String]) -> Option<Vec<String>> {
 
 pub struct Cleanup {
     client: Client,
-    recorder: Recorder,
+    events: Events,
     grace: Duration,
     /// When each missing node was first seen missing by this process.
     missing: HashMap<String, Instant>,
@@ -93,12 +93,8 @@ pub struct Cleanup {
 
 impl Cleanup {
     pub fn new(client: Client, grace: Duration) -> Self {
-        let reporter = Reporter {
-            controller: "localship-node-cleanup".into(),
-            instance: None,
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Events::new(client.clone(), "localship-node-cleanup", None),
             client,
             grace,
             missing: HashMap::new(),
@@ -277,34 +273,19 @@ impl Cleanup {
             "node {node} left the cluster; deleted this claim ({NODE_LOSS}: {DELETE_CLAIM}) so \
              it is made anew on a live node"
         );
-        if let Err(e) = self
-            .recorder
-            .publish(&warning("NodeGone", note), &claim.object_ref(&()))
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish Event");
-        }
+        self.warn(&claim.object_ref(&()), "NodeGone", note).await;
         Ok(())
     }
 
     async fn event(&self, pv: &PersistentVolume, reason: &str, note: String) {
-        if let Err(e) = self
-            .recorder
-            .publish(&warning(reason, note), &pv.object_ref(&()))
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish Event");
-        }
+        self.warn(&pv.object_ref(&()), reason, note).await;
     }
-}
 
-fn warning(reason: &str, note: String) -> Event {
-    Event {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(note),
-        action: "NodeCleanup".into(),
-        secondary: None,
+    async fn warn(&self, on: &ObjectReference, reason: &str, note: String) {
+        let warning = EventType::Warning;
+        self.events
+            .publish(on, warning, reason, "NodeCleanup", note)
+            .await;
     }
 }
 

@@ -9,6 +9,7 @@ mod coexist;
 mod common;
 mod dashboard;
 mod deploy;
+mod events;
 mod helm;
 mod logshipper;
 mod node_cleanup;

@@ -14,9 +14,9 @@ use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVo
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
+use localship_events::{EventType, Events};
 
 use super::finalizer;
 use super::opt_in::{self, Asked, OptIn};
@@ -54,7 +54,7 @@ pub struct Context {
     /// The last refusal reported per PV, so each is reported once.
     refused: Mutex<HashMap<String, String>>,
     store: Store<PersistentVolume>,
-    recorder: Recorder,
+    events: Events,
     metrics: Arc<Metrics>,
 }
 
@@ -66,12 +66,12 @@ impl Context {
         store: Store<PersistentVolume>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: "localship-logshipper".into(),
-            instance: Some(settings.node.clone()),
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Events::new(
+                client.clone(),
+                "localship-logshipper",
+                Some(settings.node.clone()),
+            ),
             client,
             node: settings.node.clone(),
             annotation: settings.annotation.clone(),
@@ -221,16 +221,9 @@ impl Context {
 
     /// Publishes an Event; failing to is logged, never fatal.
     async fn event(&self, on: &ObjectReference, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "ShipLogs".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, on).await {
-            tracing::warn!(error = %e, reason, "could not publish Event");
-        }
+        self.events
+            .publish(on, type_, reason, "ShipLogs", note)
+            .await;
     }
 }
 
