@@ -6,9 +6,11 @@
 mod gate;
 mod outbox;
 mod scan;
+mod skipped;
 mod walk_stack;
-mod warned;
 mod watch;
+
+pub use skipped::REMEMBERED as SKIPPED_REMEMBERED;
 
 use std::collections::HashMap;
 use std::io;
@@ -207,7 +209,7 @@ impl Sources {
             source: source.clone(),
             filter: self.filter.clone(),
             events: self.events.clone(),
-            warned: Arc::default(),
+            skipped: Arc::default(),
             max_watches: self.max_watches,
         };
         let task = tokio::spawn(scan.run(rescan));

@@ -276,6 +276,7 @@ impl<D: Destination> Pipeline<D> {
             .await;
         }
         self.update_backlog();
+        self.refusals.tell_all();
         if let Some(done) = sweeper.take() {
             self.summary.deleted += done.await.unwrap_or(0);
         }
@@ -321,7 +322,9 @@ impl<D: Destination> Pipeline<D> {
                 self.count_skipped(reason);
                 let relative = path.strip_prefix(&source.root).unwrap_or(&path);
                 let relative = relative.to_string_lossy();
-                self.refusals.add(&source, &relative, reason.label());
+                if self.refusals.add(&source, &relative, reason.label()) {
+                    tracing::warn!(file = %path.display(), reason = reason.label(), "not shipping this file; more are summed up once a minute");
+                }
             }
             Event::WalkStarted { source } => self.load_ledger(source),
             Event::WalkDone { source } if source.draining => {

@@ -13,12 +13,11 @@
 //! LOCALSHIP_BENCH_SETTLE, default 2s; LOCALSHIP_BENCH_FINAL_AFTER, default 10s).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use localship_tests::bench::{env_or, list_every_25ms, pct, FirstListed};
+use localship_tests::bench::{env_or, finish_logs, list_every_25ms, pct, FirstListed};
 use localship_tests::{scratch_dir, Minio, ShipperAgent};
 
 const SIDE_MARK: &str = ".localship-part-";
@@ -52,7 +51,7 @@ async fn main() -> Result<()> {
             String::new(),
             seen.clone(),
         ));
-        let finished = write_logs(&source, n).await?;
+        let finished = finish_logs(&source, "latency", "logs", n).await?;
 
         // Visible: any key that starts with the log's; final: the log's own key.
         let wait_for = if mode == "on" { final_after } else { settle };
@@ -126,32 +125,4 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Writes `n` logs in three bursts each, one after another; when each was finished, by key.
-async fn write_logs(source: &std::path::Path, n: usize) -> Result<HashMap<String, Instant>> {
-    let mut finished = HashMap::new();
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    for i in 0..n {
-        let rel = format!(
-            "dag_id=latency/run_id=manual__2026-11-25T00:00:00+00:00/task_id=t{i}/attempt=1.log"
-        );
-        let path = source.join(&rel);
-        std::fs::create_dir_all(path.parent().unwrap())?;
-        let mut f = std::fs::File::create(&path)?;
-        for burst in 0..3 {
-            writeln!(f, "[2026-11-25, 09:00:0{burst} UTC] {{taskinstance.py:1234}} INFO - step {burst} of task {i}")?;
-            tokio::time::sleep(Duration::from_millis(next() % 40)).await;
-        }
-        drop(f);
-        finished.insert(format!("logs/{rel}"), Instant::now());
-        tokio::time::sleep(Duration::from_millis(next() % 30)).await;
-    }
-    Ok(finished)
 }

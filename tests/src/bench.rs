@@ -123,6 +123,42 @@ pub async fn list_every_25ms(
     }
 }
 
+/// Writes `n` task logs under `dag_id=<dag>` in `source`, one after another, each in three
+/// bursts at pseudo-random intervals (the same every run); when each was finished (its last
+/// write), by its object key under `key_prefix`.
+pub async fn finish_logs(
+    source: &std::path::Path,
+    dag: &str,
+    key_prefix: &str,
+    n: usize,
+) -> Result<std::collections::HashMap<String, Instant>> {
+    use std::io::Write;
+    let mut finished = std::collections::HashMap::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..n {
+        let rel = format!(
+            "dag_id={dag}/run_id=manual__2026-11-25T00:00:00+00:00/task_id=t{i}/attempt=1.log"
+        );
+        let path = source.join(&rel);
+        std::fs::create_dir_all(path.parent().context("a parent")?)?;
+        let mut f = std::fs::File::create(&path)?;
+        for burst in 0..3 {
+            writeln!(f, "[2026-11-25, 09:00:0{burst} UTC] {{taskinstance.py:1234}} INFO - step {burst} of task {i}")?;
+            tokio::time::sleep(Duration::from_millis(next() % 40)).await;
+        }
+        drop(f);
+        finished.insert(format!("{key_prefix}/{rel}"), Instant::now());
+        tokio::time::sleep(Duration::from_millis(next() % 30)).await;
+    }
+    Ok(finished)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,8 +18,8 @@ use nix::sys::inotify::WatchDescriptor;
 use nix::sys::stat::{fstat, fstatat, Mode};
 
 use super::outbox::Outbox;
+use super::skipped::Skipped;
 use super::walk_stack::{Dir, Kind, Shared, Stack};
-use super::warned::Warned;
 use super::watch::{Change, Watch, Watches};
 use super::{Event, SkipReason, Source};
 use crate::filter::Filter;
@@ -48,7 +48,7 @@ pub(super) struct Scan {
     pub(super) filter: Arc<Filter>,
     pub(super) events: mpsc::Sender<Event>,
     /// Paths already told about, so a rescan does not repeat them.
-    pub(super) warned: Arc<Mutex<Warned>>,
+    pub(super) skipped: Arc<Mutex<Skipped>>,
     /// Inotify watches this source holds at most.
     pub(super) max_watches: usize,
 }
@@ -357,7 +357,7 @@ impl Scan {
         }
     }
 
-    /// A file found at `path`: reported if it is a log, warned about if it cannot ship.
+    /// A file found at `path`: reported if it is a log, or as skipped if it cannot ship.
     /// `stat` is asked for only for a log.
     fn consider(
         &self,
@@ -398,13 +398,9 @@ impl Scan {
         self.skip(out, path.to_owned(), reason);
     }
 
-    /// Reports a path the first time only, so rescans do not repeat it (see `warned`).
+    /// Reports a path the first time only, so rescans do not repeat it (see `skipped`).
     fn skip(&self, out: &mut Outbox, path: PathBuf, reason: SkipReason) {
-        let first_time = self.warned.lock().expect("not poisoned").first_time(
-            &path,
-            reason,
-            std::time::Instant::now(),
-        );
+        let first_time = self.skipped.lock().expect("not poisoned").first_time(&path);
         if first_time {
             out.send(Event::Skipped {
                 source: self.source.clone(),
@@ -436,7 +432,7 @@ mod tests {
             source: Arc::new(Source::new(root).unwrap()),
             filter: Arc::new(Filter::new(&include, &[]).unwrap()),
             events,
-            warned: Arc::default(),
+            skipped: Arc::default(),
             max_watches: usize::MAX,
         };
         (scan, rx)

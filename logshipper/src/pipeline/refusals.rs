@@ -67,6 +67,16 @@ fn explain(reason: &str) -> &'static str {
 /// Told each source's refusals.
 pub type RefusalReport = mpsc::UnboundedSender<Refused>;
 
+#[derive(Clone, Copy)]
+enum Due {
+    /// Sources whose last report is a minute old; `one_warned` when the caller warns of the
+    /// file just added.
+    ByTime {
+        one_warned: bool,
+    },
+    All,
+}
+
 struct Pending {
     refused: Option<Refused>,
     last_told: Option<Instant>,
@@ -107,24 +117,40 @@ impl Refusals {
             .last_told
             .is_none_or(|at| at.elapsed() >= REFUSALS_EVERY);
         if first {
-            self.tell_due(Instant::now());
+            self.tell(Instant::now(), Due::ByTime { one_warned: true });
         }
         first
     }
 
     /// Tells what each source gathered, where its last report is a minute old.
     pub(super) fn tell_due(&mut self, now: Instant) {
+        self.tell(now, Due::ByTime { one_warned: false });
+    }
+
+    /// Tells whatever is gathered, due or not: the daemon is stopping.
+    pub(super) fn tell_all(&mut self) {
+        self.tell(Instant::now(), Due::All);
+    }
+
+    fn tell(&mut self, now: Instant, due: Due) {
         for pending in self.by_source.values_mut() {
-            let due = pending
-                .last_told
-                .is_none_or(|at| now.duration_since(at) >= REFUSALS_EVERY);
-            if !due {
-                continue;
-            }
+            let one_warned = match due {
+                Due::All => false,
+                Due::ByTime { one_warned } => {
+                    let due = pending
+                        .last_told
+                        .is_none_or(|at| now.duration_since(at) >= REFUSALS_EVERY);
+                    if !due {
+                        continue;
+                    }
+                    one_warned
+                }
+            };
             if let Some(refused) = pending.refused.take() {
                 let files: u64 = refused.files.values().sum();
-                if files > 1 {
-                    tracing::warn!(source = %refused.source.root.display(), files, reasons = ?refused.files, "files not shipped since the last report");
+                // Each file gathered is logged here but the one the caller warns of itself.
+                if files > u64::from(one_warned) {
+                    tracing::warn!(source = %refused.source.root.display(), files, reasons = ?refused.files, example = %refused.example, "files not shipped since the last report");
                 }
                 if let Some(report) = &self.report {
                     let _ = report.send(refused);
@@ -170,6 +196,23 @@ mod tests {
         assert_eq!(summed.example, "0.log");
         refusals.tell_due(Instant::now() + REFUSALS_EVERY * 3);
         assert!(rx.try_recv().is_err(), "nothing gathered, nothing told");
+    }
+
+    #[test]
+    fn what_is_gathered_is_told_when_stopping_without_waiting_the_minute() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(Source::new(dir.path()).unwrap());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut refusals = Refusals::new(Some(tx));
+        refusals.add(&source, "a.log", "symlink");
+        rx.try_recv().unwrap();
+        refusals.add(&source, "b.log", "non_utf8");
+        refusals.tell_due(Instant::now());
+        assert!(rx.try_recv().is_err(), "not yet due");
+        refusals.tell_all();
+        let last = rx.try_recv().unwrap();
+        assert_eq!(last.files, BTreeMap::from([("non_utf8", 1)]));
+        assert_eq!(last.example, "b.log");
     }
 
     #[test]

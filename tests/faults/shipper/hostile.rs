@@ -355,7 +355,7 @@ async fn files(minio: &Minio, rows: &mut Rows) -> Result<()> {
         object(&link).await?.is_none() && symlinks >= 1.0,
         &format!("not followed; skipped_total{{reason=\"symlink\"}} {symlinks}"),
     );
-    // Two links: the file above and the directory; each is warned about and counted.
+    // Two links: the file above and the directory; each is counted.
     rows.row(
         "symlinked directory in the source",
         !keys.iter().any(|k| k.contains("dag_id=linked")) && symlinks >= 2.0,
