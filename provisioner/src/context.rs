@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::reflector::Store;
 use kube::Client;
-use localship_events::{EventType, Events};
+use localship_api::{EventType, Events};
 
 use crate::cli::Args;
 use crate::config::Config;

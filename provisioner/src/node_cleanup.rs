@@ -15,7 +15,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
-use localship_events::{EventType, Events};
+use localship_api::{EventType, Events};
 use serde_json::json;
 
 use crate::annotations::{CLEANUP_FINALIZER, NODE_LABEL, SHIP_LOGS_FINALIZER};
@@ -109,7 +109,7 @@ impl Cleanup {
             node_writer,
             watcher(
                 Api::<PartialObjectMeta<Node>>::all(self.client.clone()),
-                watcher::Config::default(),
+                localship_api::watcher_config(),
             ),
         )
         .default_backoff()
@@ -120,7 +120,7 @@ impl Cleanup {
             volume_writer,
             watcher(
                 Api::<PersistentVolume>::all(self.client.clone()),
-                watcher::Config::default().labels(NODE_LABEL),
+                localship_api::watcher_config().labels(NODE_LABEL),
             ),
         )
         .default_backoff()

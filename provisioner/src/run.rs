@@ -47,7 +47,7 @@ pub async fn run(args: Args, client: Client) -> Result<()> {
         writer,
         watcher(
             Api::<StorageClass>::all(client.clone()),
-            watcher::Config::default(),
+            localship_api::watcher_config(),
         ),
     )
     .default_backoff()
@@ -65,12 +65,13 @@ pub async fn run(args: Args, client: Client) -> Result<()> {
     // Claim metadata only (the spec is fetched for a claim that may be ours), and of that
     // only our provisioner's claims kept: memory follows our claims, not the cluster's.
     // No field or label selector can say "ours" to the apiserver, so that part is here.
-    // The initial list is paged (watcher::Config's default, 500 a page).
+    // The initial list is paged (kube's default, 500 a page); see localship_api for why
+    // watches end every 45 s.
     let names = ctx.names.clone();
     let claims = slim_controller(
         watcher(
             Api::<ClaimMeta>::all(client.clone()),
-            watcher::Config::default(),
+            localship_api::watcher_config(),
         )
         .try_filter_map(move |event| futures::future::ready(Ok(only_ours(event, &names)))),
     );
@@ -82,7 +83,7 @@ pub async fn run(args: Args, client: Client) -> Result<()> {
     let selector = format!("{NODE_LABEL}={}", args.node_name);
     let volumes = slim_controller(watcher(
         Api::<PersistentVolume>::all(client.clone()),
-        watcher::Config::default().labels(&selector),
+        localship_api::watcher_config().labels(&selector),
     ));
     let volumes_store = volumes.store();
     let volumes = volumes

@@ -16,7 +16,7 @@ pub fn init_logging(format: LogFormat) {
 
 /// The API client from the pod's ServiceAccount or KUBECONFIG, with an error that says so.
 pub async fn client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default().await.map_err(|e| {
+    localship_api::client().await.map_err(|e| {
         anyhow::anyhow!("cannot reach the Kubernetes API ({e}); run in a pod with a ServiceAccount or set KUBECONFIG")
     })
 }

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
 use kube::Resource;
-use localship_events::{EventType, Events};
+use localship_api::{EventType, Events};
 use localship_tests::control_plane;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

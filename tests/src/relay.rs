@@ -1,10 +1,15 @@
 //! A TCP relay on loopback in front of the apiserver that counts the bytes the
 //! apiserver sends through it: what one client received, as it crossed the wire
 //! (TLS records and HTTP framing included), whatever the client does with it.
+//!
+//! It can also cut the path without closing it, as a load balancer failing over or a cut
+//! network does: [`Relay::blackhole`] keeps every connection open and carries no byte
+//! more, and [`Relay::heal`] lets new connections through while the old ones stay silent.
+//! A real apiserver cannot do that: stopped, its connections close.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -17,7 +22,16 @@ use crate::cluster::ControlPlane;
 pub struct Relay {
     port: u16,
     received: Arc<AtomicU64>,
+    path: Arc<Line>,
     accept: JoinHandle<()>,
+}
+
+/// Whether the path is cut, and which connections it cut for good.
+#[derive(Default)]
+struct Line {
+    cut: AtomicBool,
+    /// Raised by each cut: a connection made before carries nothing after it.
+    generation: AtomicU64,
 }
 
 impl Relay {
@@ -27,16 +41,31 @@ impl Relay {
         let port = listener.local_addr()?.port();
         let received = Arc::new(AtomicU64::new(0));
         let counter = received.clone();
+        let path = Arc::new(Line::default());
+        let cut = path.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(relay(client, upstream, counter.clone()));
+                tokio::spawn(relay(client, upstream, counter.clone(), cut.clone()));
             }
         });
         Ok(Self {
             port,
             received,
+            path,
             accept,
         })
+    }
+
+    /// Cuts the path without closing anything: open connections carry no byte more, ever,
+    /// and new ones are accepted and carry nothing either.
+    pub fn blackhole(&self) {
+        self.path.generation.fetch_add(1, Ordering::SeqCst);
+        self.path.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// New connections go through again; those cut stay silent.
+    pub fn heal(&self) {
+        self.path.cut.store(false, Ordering::SeqCst);
     }
 
     /// Bytes sent by the upstream to every client so far.
@@ -47,8 +76,14 @@ impl Relay {
     /// A copy of the admin kubeconfig of `cp` that reaches its apiserver through
     /// this relay (the serving certificate is for 127.0.0.1, whatever the port).
     pub fn admin_kubeconfig(&self, cp: &ControlPlane, dir: &Path) -> Result<PathBuf> {
-        let text = std::fs::read_to_string(cp.admin_kubeconfig())?;
-        let path = dir.join(format!("relay-{}.kubeconfig", self.port));
+        self.kubeconfig(cp, cp.admin_kubeconfig(), dir)
+    }
+
+    /// A copy of `kubeconfig`, one of `cp`'s, that reaches its apiserver through this relay.
+    pub fn kubeconfig(&self, cp: &ControlPlane, kubeconfig: &Path, dir: &Path) -> Result<PathBuf> {
+        let text = std::fs::read_to_string(kubeconfig)?;
+        let name = kubeconfig.file_name().unwrap_or_default().to_string_lossy();
+        let path = dir.join(format!("relay-{}-{name}", self.port));
         let relayed = format!("https://127.0.0.1:{}", self.port);
         std::fs::write(&path, text.replace(cp.server(), &relayed))?;
         Ok(path)
@@ -70,25 +105,46 @@ pub fn apiserver_addr(cp: &ControlPlane) -> Result<SocketAddr> {
         .with_context(|| format!("apiserver address {server}"))
 }
 
-async fn relay(client: TcpStream, upstream: SocketAddr, received: Arc<AtomicU64>) {
+async fn relay(client: TcpStream, upstream: SocketAddr, received: Arc<AtomicU64>, path: Arc<Line>) {
+    if path.cut.load(Ordering::SeqCst) {
+        // Accepted, and never answered.
+        let _held = client;
+        return std::future::pending().await;
+    }
+    let generation = path.generation.load(Ordering::SeqCst);
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
+    let open = || path.generation.load(Ordering::SeqCst) == generation;
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_server, mut to_server) = server.into_split();
     let up = async {
-        let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
-        let _ = to_server.shutdown().await;
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = from_client.read(&mut buf).await {
+            if n == 0 || !open() || to_server.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        if open() {
+            let _ = to_server.shutdown().await;
+        }
     };
     let down = async {
         let mut buf = vec![0u8; 64 << 10];
         while let Ok(n) = from_server.read(&mut buf).await {
-            if n == 0 || to_client.write_all(&buf[..n]).await.is_err() {
+            if n == 0 || !open() || to_client.write_all(&buf[..n]).await.is_err() {
                 break;
             }
             received.fetch_add(n as u64, Ordering::Relaxed);
         }
-        let _ = to_client.shutdown().await;
+        if open() {
+            let _ = to_client.shutdown().await;
+        }
     };
     tokio::join!(up, down);
+    if !open() {
+        // Cut: both ends stay open and silent, as behind a dead path.
+        let _held = (from_client, to_client, from_server, to_server);
+        std::future::pending::<()>().await;
+    }
 }

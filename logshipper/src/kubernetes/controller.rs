@@ -16,7 +16,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
-use localship_events::{EventType, Events};
+use localship_api::{EventType, Events};
 
 use super::finalizer;
 use super::opt_in::{self, Asked, OptIn};

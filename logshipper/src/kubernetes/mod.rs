@@ -16,8 +16,6 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::Api;
 use kube::runtime::controller::{self as runtime, Controller};
-use kube::runtime::watcher;
-use kube::Client;
 use localship_names::NODE_LABEL;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -62,7 +60,7 @@ pub async fn watch_volumes(
     synced: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
-    let client = Client::try_default().await.map_err(Error::KubeClient)?;
+    let client = localship_api::client().await.map_err(Error::KubeClient)?;
     let node = settings.node.as_str();
     let selector = format!("{NODE_LABEL}={node}");
     let stopping = {
@@ -78,7 +76,7 @@ pub async fn watch_volumes(
     };
     let volumes = Controller::new(
         Api::<PersistentVolume>::all(client.clone()),
-        watcher::Config::default().labels(&selector),
+        localship_api::watcher_config().labels(&selector),
     )
     .graceful_shutdown_on(stopping);
     let store = volumes.store();
