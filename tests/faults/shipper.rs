@@ -2,6 +2,7 @@
 //! while logs keep finishing, and hostile inputs. Each checks the object store against an
 //! in-memory copy of every log written, since retention removes the files themselves.
 
+mod blackhole;
 mod hostile;
 mod kill;
 mod ledger;
@@ -26,6 +27,7 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario::new("MinIO down while logs keep finishing", outage::run),
         Scenario::new("hostile inputs (shipper)", hostile::run),
         Scenario::new("shipper ledger on a full disk, and unreadable", ledger::run),
+        Scenario::new("shipper's apiserver path blackholed", blackhole::run),
     ]
 }
 
