@@ -225,7 +225,8 @@ impl Writer {
         }
     }
 
-    /// Commits what is held and answers the flushes waiting for it.
+    /// Commits what is held and answers the flushes waiting for it, after the health says
+    /// how it went, so whoever is told of a flush sees the same state on `/healthz`.
     fn commit(&mut self) {
         let result = if self.held.is_empty() {
             Ok(())
@@ -241,7 +242,6 @@ impl Writer {
             Ok(()) => {
                 let files = self.held.len();
                 self.held.clear();
-                self.answer(|| Ok(()));
                 if let Some(failing) = self.failing.take() {
                     tracing::info!(
                         files,
@@ -255,19 +255,20 @@ impl Writer {
                         .health
                         .send_modify(|health| health.unwritable = None);
                 }
+                self.answer(|| Ok(()));
             }
             Err(e) => {
                 let reason = e.cause();
                 let path = self.ledger.store.path.clone();
+                self.ledger.store.health.send_modify(|health| {
+                    health.failed_commits += 1;
+                    health.unwritable = Some(reason.clone());
+                });
                 self.answer(|| {
                     Err(LedgerError::Unwritable {
                         path: path.clone(),
                         reason: reason.clone(),
                     })
-                });
-                self.ledger.store.health.send_modify(|health| {
-                    health.failed_commits += 1;
-                    health.unwritable = Some(reason.clone());
                 });
                 let now = Instant::now();
                 let (since, attempts) = match &self.failing {
