@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -118,33 +119,34 @@ async fn relay(client: TcpStream, upstream: SocketAddr, received: Arc<AtomicU64>
     let open = || path.generation.load(Ordering::SeqCst) == generation;
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_server, mut to_server) = server.into_split();
-    let up = async {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = from_client.read(&mut buf).await {
-            if n == 0 || !open() || to_server.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-        if open() {
-            let _ = to_server.shutdown().await;
-        }
-    };
-    let down = async {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = from_server.read(&mut buf).await {
-            if n == 0 || !open() || to_client.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-            received.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        if open() {
-            let _ = to_client.shutdown().await;
-        }
-    };
+    let up = pump(&mut from_client, &mut to_server, &open, None);
+    let down = pump(&mut from_server, &mut to_client, &open, Some(&received));
     tokio::join!(up, down);
     if !open() {
         // Cut: both ends stay open and silent, as behind a dead path.
         let _held = (from_client, to_client, from_server, to_server);
         std::future::pending::<()>().await;
+    }
+}
+
+/// Copies `from` to `to` until either end closes or the path is cut, adding what went through
+/// to `counted`. The write side is shut only while the path is open: a cut one stays silent.
+async fn pump(
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+    open: &impl Fn() -> bool,
+    counted: Option<&AtomicU64>,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 || !open() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        if let Some(counted) = counted {
+            counted.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    if open() {
+        let _ = to.shutdown().await;
     }
 }

@@ -18,6 +18,8 @@ use localship_tests::claims::{
 };
 use localship_tests::{wait_for, ControlPlane, ProvisionerAgent, NODES};
 
+use crate::report::Tally;
+
 /// One agent per node, all answering to `provisioner`.
 pub async fn start_agents(cp: &ControlPlane, provisioner: &str) -> Result<Vec<ProvisionerAgent>> {
     let mut agents = Vec::new();
@@ -233,6 +235,32 @@ pub async fn audit(client: &Client, ns: &str, agents: &[ProvisionerAgent]) -> Re
     found.orphan_dirs = on_disk.difference(&pv_paths).cloned().collect();
     found.missing_dirs = pv_paths.difference(&on_disk).cloned().collect();
     Ok(found)
+}
+
+/// How a scenario of one fault ends: the agents still run, `ns` is audited (printed as
+/// found `when`), then everything is deleted and must be gone within `timeout`.
+pub async fn audit_then_delete_all(
+    client: &Client,
+    ns: &str,
+    agents: &mut [ProvisionerAgent],
+    when: &str,
+    timeout: Duration,
+) -> Result<Tally> {
+    for agent in agents.iter_mut() {
+        agent.check_running()?;
+    }
+    let found = audit(client, ns, agents).await?;
+    eprintln!("faults: {when}: {found}");
+    delete_all(client, ns).await?;
+    let bases: Vec<_> = agents.iter().map(|a| a.base_path()).collect();
+    let left = wait_all_gone(client, ns, &bases, timeout).await?;
+    eprintln!("faults: {left} PVs or directories left after deleting everything");
+    Ok(Tally {
+        rounds: 1,
+        faults: 1,
+        checked: found.verified as u64,
+        lost: found.lost() + left,
+    })
 }
 
 /// Deletes every pod (at once: no kubelet) and claim of `ns`.

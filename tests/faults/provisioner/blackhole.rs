@@ -12,7 +12,7 @@ use localship_tests::claims::{create_claim_with_pod, provisioner_name, storage_c
 use localship_tests::relay::{apiserver_addr, Relay};
 use localship_tests::{control_plane, scratch_dir, ProvisionerAgent, NODES};
 
-use super::audit::{audit, burst, delete_all, wait_all_gone, wait_settled};
+use super::audit::{audit_then_delete_all, burst, wait_settled};
 use crate::jitter::Jitter;
 use crate::report::Tally;
 
@@ -78,20 +78,12 @@ pub async fn apiserver_path_blackholed() -> Result<Tally> {
         cut.elapsed().as_secs_f64(),
         RECOVERED_WITHIN.as_secs()
     );
-    for agent in &mut agents {
-        agent.check_running()?;
-    }
-    let found = audit(&client, &ns, &agents).await?;
-    eprintln!("faults: after the cut: {found}");
-
-    delete_all(&client, &ns).await?;
-    let bases: Vec<_> = agents.iter().map(|a| a.base_path()).collect();
-    let left = wait_all_gone(&client, &ns, &bases, Duration::from_secs(90)).await?;
-    eprintln!("faults: {left} PVs or directories left after deleting everything");
-    Ok(Tally {
-        rounds: 1,
-        faults: 1,
-        checked: found.verified as u64,
-        lost: found.lost() + left,
-    })
+    audit_then_delete_all(
+        &client,
+        &ns,
+        &mut agents,
+        "after the cut",
+        Duration::from_secs(90),
+    )
+    .await
 }

@@ -10,7 +10,7 @@ use localship_tests::claims::{
 };
 use localship_tests::{control_plane, wait_for};
 
-use super::audit::{audit, burst, delete_all, start_agents, wait_all_gone, wait_settled};
+use super::audit::{audit_then_delete_all, burst, start_agents, wait_settled};
 use crate::jitter::Jitter;
 use crate::report::Tally;
 
@@ -96,23 +96,12 @@ pub async fn apiserver_restart_mid_burst() -> Result<Tally> {
     .await?;
     anyhow::ensure!(placed == node, "pod on {placed}, PV on {node}");
     cp.check_health()?;
-    for agent in &mut agents {
-        agent.check_running()?;
-    }
-
-    let found = audit(&client, &ns, &agents).await?;
-    eprintln!("faults: after the burst: {found}");
-    delete_all(&client, &ns).await?;
-    let bases: Vec<_> = agents.iter().map(|a| a.base_path()).collect();
-    let left = wait_all_gone(&client, &ns, &bases, Duration::from_secs(60)).await?;
-    eprintln!(
-        "faults: {left} PVs or directories left after deleting everything, at {:.1}s",
-        start.elapsed().as_secs_f64()
-    );
-    Ok(Tally {
-        rounds: 1,
-        faults: 1,
-        checked: found.verified as u64,
-        lost: found.lost() + left,
-    })
+    audit_then_delete_all(
+        &client,
+        &ns,
+        &mut agents,
+        "after the burst",
+        Duration::from_secs(60),
+    )
+    .await
 }
